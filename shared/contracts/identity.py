@@ -1,0 +1,157 @@
+"""Identity's wire contracts: HTTP bodies (validated by the gateway), the commands the gateway
+sends (the body plus the acting user), replies, and events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from shared.messaging import Event
+
+SERVICE = "identity"
+DEFAULT_ROLE = "IT Operator"
+BOOTSTRAP_ROLES = (DEFAULT_ROLE, "byoc")
+PASSWORD_MASK = "********"
+NOT_APPLICABLE = "not_applicable"
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Password = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+class Body(BaseModel):
+    """An HTTP body: unknown extra keys are ignored, as ESD clients send some (`creator`...)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Principal(BaseModel):
+    """Who acts: a known user with the union of its roles' permissions."""
+
+    username: str
+    roles: list[str]
+    permissions: list[str]
+
+
+# --- HTTP bodies -------------------------------------------------------------------------
+
+
+class CreateUserBody(Body):
+    username: Name
+    password: Password
+    roles: list[Name] = Field(default_factory=list)
+    initial: bool = False
+
+
+class DeleteUsersBody(Body):
+    user_name_list: Annotated[list[Name], Field(min_length=1, max_length=100)]
+
+
+class CreateRoleBody(Body):
+    role_name: Name
+    permissions: Annotated[list[Name], Field(min_length=1, max_length=100)]
+    initial: bool = False
+
+
+class DeleteRolesBody(Body):
+    role_name_list: Annotated[list[Name], Field(min_length=1, max_length=100)]
+
+
+# --- commands (RPC) ------------------------------------------------------------------------
+
+
+class Authenticate(BaseModel):
+    username: str
+
+
+class CreateUser(CreateUserBody):
+    actor: Principal | None = None  # None only for `initial`, which needs no permission
+
+
+class ListUsers(BaseModel):
+    actor: Principal
+    username: str | None = None
+
+
+class DeleteUsers(DeleteUsersBody):
+    actor: Principal
+
+
+class CreateRole(CreateRoleBody):
+    actor: Principal | None = None
+
+
+class ListRoles(BaseModel):
+    actor: Principal
+    role: str | None = None
+
+
+class DeleteRoles(DeleteRolesBody):
+    actor: Principal
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+class UserView(BaseModel):
+    username: str
+    roles: list[str]
+    creator: str
+    permissions: list[str]
+    password: str = PASSWORD_MASK
+
+
+class UserList(BaseModel):
+    users: list[UserView]
+    last_evaluated_key: str = NOT_APPLICABLE
+
+
+class RoleView(BaseModel):
+    role_name: str
+    creator: str
+    permissions: list[str]
+
+
+class RoleList(BaseModel):
+    roles: list[RoleView]
+    last_evaluated_key: str = NOT_APPLICABLE
+    previous_evaluated_key: str = NOT_APPLICABLE
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+class UserCreated(Event):
+    routing_key = "user.created"
+    username: str
+    roles: list[str]
+    creator: str
+
+
+class UserUpdated(Event):
+    routing_key = "user.updated"
+    username: str
+    roles: list[str]
+
+
+class UserDeleted(Event):
+    routing_key = "user.deleted"
+    username: str
+
+
+class RoleCreated(Event):
+    routing_key = "role.created"
+    role_name: str
+    permissions: list[str]
+    creator: str
+
+
+class RoleUpdated(Event):
+    routing_key = "role.updated"
+    role_name: str
+    permissions: list[str]
+
+
+class RoleDeleted(Event):
+    routing_key = "role.deleted"
+    role_name: str

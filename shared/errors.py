@@ -1,0 +1,70 @@
+"""The one error hierarchy. The domain raises these; the gateway maps them to the ESD
+envelope in exactly one place (`services/gateway/envelope.py`), and RPC carries them between
+processes as `ErrorInfo`."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class EsdError(Exception):
+    status: int = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo(kind=type(self).__name__, status=self.status, message=self.message)
+
+
+class Invalid(EsdError):
+    """Bad input, a rule the request breaks, a duplicate name: ESD answers all of these 400."""
+
+    status = 400
+
+
+class Unauthorized(EsdError):
+    status = 401
+
+
+class Forbidden(EsdError):
+    status = 403
+
+
+class NotFound(EsdError):
+    status = 404
+
+
+class PayloadTooLarge(EsdError):
+    status = 413
+
+
+class Unavailable(EsdError):
+    """A service did not answer in time: the caller may retry."""
+
+    status = 503
+
+
+class Internal(EsdError):
+    status = 500
+
+
+_BY_KIND: dict[str, type[EsdError]] = {
+    cls.__name__: cls
+    for cls in (Invalid, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unavailable, Internal)
+}
+
+
+class ErrorInfo(BaseModel):
+    kind: str
+    status: int
+    message: str
+
+    def to_error(self) -> EsdError:
+        cls = _BY_KIND.get(self.kind)
+        if cls is None:
+            error = EsdError(self.message)
+            error.status = self.status
+            return error
+        return cls(self.message)

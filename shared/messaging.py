@@ -1,0 +1,143 @@
+"""RabbitMQ through FastStream: the one place that names exchanges and queues, builds the
+broker, and carries request/reply (RPC) and events.
+
+- RPC: the gateway calls `<prefix><service>.rpc.<command>` with `broker.request` (direct
+  reply-to). Requests expire after the timeout, so a service that comes back late never acts on
+  a command whose caller has given up. Replies are `RpcReply`: a result or an `ErrorInfo`.
+- Events: past-tense models published persistently on the topic exchange `esd.events` with
+  routing key `<domain>.<event>`; users bind their own queues there.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+import structlog
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
+from pydantic import BaseModel
+
+from shared.errors import ErrorInfo, EsdError, Internal, Unavailable
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+EVENTS_EXCHANGE = "esd.events"
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class Event(BaseModel):
+    """Base of every event; subclasses set `routing_key` (`<domain>.<event>`)."""
+
+    routing_key: ClassVar[str]
+
+
+class Names:
+    """Exchange and queue names, under the deployment's broker prefix."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    @property
+    def events(self) -> RabbitExchange:
+        return RabbitExchange(
+            f"{self.prefix}{EVENTS_EXCHANGE}", type=ExchangeType.TOPIC, durable=True
+        )
+
+    def rpc_queue(self, service: str, command: str) -> RabbitQueue:
+        return RabbitQueue(f"{self.prefix}{service}.rpc.{command}", durable=True)
+
+    def event_queue(self, service: str, name: str, routing_key: str) -> RabbitQueue:
+        """A durable queue owned by `service`, bound to the events exchange."""
+        return RabbitQueue(
+            f"{self.prefix}{service}.events.{name}", durable=True, routing_key=routing_key
+        )
+
+
+def create_broker(settings: Settings) -> RabbitBroker:
+    # FastStream's default per-message logging costs more than the work of a fast handler.
+    return RabbitBroker(settings.amqp_url, logger=None, graceful_timeout=15.0)
+
+
+class RpcReply(BaseModel):
+    result: Any = None
+    error: ErrorInfo | None = None
+
+
+def rpc_handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[dict]]:
+    """Wrap a subscriber so that it always replies: its result, or the domain error it raised,
+    or an internal error (logged here with its stack; the caller sees no stack trace)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> dict:
+        try:
+            result = await fn(*args, **kwargs)
+        except EsdError as error:
+            return RpcReply(error=error.to_info()).model_dump(mode="json")
+        except Exception:
+            log.exception("rpc.failed", handler=fn.__name__)
+            error = Internal("internal error, see the service log")
+            return RpcReply(error=error.to_info()).model_dump(mode="json")
+        if isinstance(result, BaseModel):
+            result = result.model_dump(mode="json")
+        return {"result": result}
+
+    # FastStream reads the signature to parse the message and to validate the return value:
+    # the parameters are the handler's, the return is the reply envelope.
+    wrapper.__signature__ = inspect.signature(fn).replace(return_annotation=dict)  # type: ignore[attr-defined]
+    return wrapper
+
+
+class RpcClient:
+    """Calls services and waits for their reply, turning errors back into `EsdError`s."""
+
+    def __init__(self, broker: RabbitBroker, names: Names, timeout: float) -> None:
+        self.broker = broker
+        self.names = names
+        self.timeout = timeout
+
+    async def call(
+        self,
+        service: str,
+        command: str,
+        message: BaseModel,
+        reply: type[T] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        timeout = timeout or self.timeout
+        try:
+            response = await self.broker.request(
+                message.model_dump_json(),
+                queue=self.names.rpc_queue(service, command),
+                timeout=timeout,
+                expiration=timeout,
+                content_type="application/json",
+            )
+        except TimeoutError:
+            raise Unavailable(f"the {service} service did not answer within {timeout:g} s") from None
+        body = RpcReply.model_validate_json(response.body)
+        if body.error is not None:
+            raise body.error.to_error()
+        if reply is None:
+            return body.result
+        return reply.model_validate(body.result)
+
+
+class EventPublisher:
+    def __init__(self, broker: RabbitBroker, names: Names) -> None:
+        self.broker = broker
+        self.names = names
+
+    async def publish(self, event: Event) -> None:
+        await self.broker.publish(
+            event.model_dump_json(),
+            exchange=self.names.events,
+            routing_key=event.routing_key,
+            persist=True,
+            content_type="application/json",
+            message_type=event.routing_key,
+        )

@@ -1,0 +1,65 @@
+"""Settings for every process, from environment variables with the one prefix `ESD_`.
+
+`MONGO_URL` and `S3_ENDPOINT_URL` are also read without the prefix, as the deployment docs
+name them. Production swaps servers through these settings alone.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+API_VERSION = "1.5.0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ESD_", extra="ignore")
+
+    # credentials of the deployment
+    api_key: SecretStr = SecretStr("")
+    admin_username: str = "admin"
+    admin_password: SecretStr = SecretStr("")
+
+    # RabbitMQ; `broker_prefix` namespaces every exchange and queue, so that several
+    # deployments (or a test run beside a running stack) can share one broker.
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    broker_prefix: str = ""
+    rpc_timeout: float = 10.0
+
+    # MongoDB: one database per service, named `<mongo_db_prefix><service>`
+    mongo_url: str = Field(
+        "mongodb://127.0.0.1:27017",
+        validation_alias=AliasChoices("ESD_MONGO_URL", "MONGO_URL"),
+    )
+    mongo_db_prefix: str = "esd_"
+
+    # S3
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("ESD_S3_ENDPOINT_URL", "S3_ENDPOINT_URL")
+    )
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "esd"
+
+    # gateway
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+
+    # logging: `auto` is readable on a terminal and JSON elsewhere
+    log_format: str = "auto"
+    log_level: str = "INFO"
+
+    var_dir: Path = Path("var")
+
+    def database_name(self, service: str) -> str:
+        return f"{self.mongo_db_prefix}{service}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
