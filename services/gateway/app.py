@@ -1,0 +1,90 @@
+"""The gateway's FastAPI application: the ESD routes at `/<route>` and `/prod/<route>`, the
+OpenAPI document at `/api`, and a broker connection for RPC and identity's events."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from faststream.rabbit import RabbitQueue
+
+from services.gateway.bodies import BODY_DEFINITIONS
+from services.gateway.envelope import install_error_handlers
+from services.gateway.routes import ping, roles, users
+from services.gateway.security import EdgeMiddleware, Principals
+from shared.messaging import Names, RpcClient, create_broker
+from shared.settings import API_VERSION, Settings
+
+log = structlog.get_logger(__name__)
+
+ROUTERS = (ping.router, users.router, roles.router)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    api_key = settings.api_key.get_secret_value()
+    if not api_key:
+        raise SystemExit("ESD_API_KEY must be set: it is the credential every client sends")
+    names = Names(settings.broker_prefix)
+    broker = create_broker(settings)
+    rpc = RpcClient(broker, names, settings.rpc_timeout)
+    principals = Principals(rpc)
+
+    # Each gateway replica drops its cached principals when any user or role changes.
+    for pattern in ("user.*", "role.*"):
+        queue = RabbitQueue(
+            f"{names.prefix}gateway.{uuid.uuid4().hex[:12]}.{pattern.split('.')[0]}",
+            exclusive=True,
+            auto_delete=True,
+            routing_key=pattern,
+        )
+
+        @broker.subscriber(queue, names.events)
+        async def on_identity_change(_: dict) -> None:
+            principals.invalidate()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await broker.start()
+        log.info("gateway.ready", host=settings.gateway_host, port=settings.gateway_port)
+        yield
+        await broker.stop()
+
+    app = FastAPI(
+        title="ESD API",
+        version=API_VERSION,
+        description="Stable Diffusion platform speaking the ESD REST API",
+        openapi_url="/api",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.rpc = rpc
+    app.state.principals = principals
+    for router in ROUTERS:
+        app.include_router(router)
+        app.include_router(router, prefix="/prod", include_in_schema=False)
+    install_error_handlers(app)
+    app.add_middleware(
+        EdgeMiddleware, api_key=api_key, max_body_bytes=settings.max_body_bytes
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_DEFINITIONS)
+        schema["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            "username": {"type": "apiKey", "in": "header", "name": "username"},
+        }
+        schema["security"] = [{"apiKey": [], "username": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,49 @@
+"""JSON request bodies, read and validated here rather than by FastAPI so that every bad body
+(none, malformed JSON, not an object, wrong fields) gets one of ESD's phrasings. Python's
+parser also takes the non-standard `Infinity`/`NaN` tokens that AUTOMATIC1111 payloads carry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from services.gateway.envelope import validation_message
+from shared.errors import Invalid
+
+T = TypeVar("T", bound=BaseModel)
+
+REF_TEMPLATE = "#/components/schemas/{model}"
+# Nested models of request bodies, hoisted into the OpenAPI document's components.
+BODY_DEFINITIONS: dict[str, Any] = {}
+
+
+def json_body(model: type[T]) -> Callable[[Request], Any]:
+    async def dependency(request: Request) -> T:
+        raw = await request.body()
+        data: Any = {}
+        if raw.strip():
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise Invalid(f"request body is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise Invalid("request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as error:
+            raise Invalid(validation_message(error.errors())) from None
+
+    return dependency
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting a route's JSON body."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    BODY_DEFINITIONS.update(schema.pop("$defs", {}))
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
+    }

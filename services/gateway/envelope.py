@@ -1,0 +1,131 @@
+"""The ESD envelope, and the one place where errors become HTTP responses.
+
+Body: `{"statusCode": N, "data": {...}, "message": "..."}` with HTTP status == statusCode; `data`
+omitted when empty, `message` defaulting to the reason phrase; 204 has an empty body. Validation
+errors are phrased as ESD's clients match them (`object has missing required properties
+(["field"])`, `required minimum: 1`)."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from shared.errors import EsdError
+
+log = structlog.get_logger(__name__)
+
+
+class EsdResponse(Response):
+    media_type = "application/json"
+
+
+def respond(status: int = 200, data: Any = None, message: str | None = None) -> Response:
+    if status == 204:
+        return Response(status_code=204)
+    body: dict[str, Any] = {"statusCode": status}
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    if data:
+        body["data"] = data
+    body["message"] = message if message is not None else HTTPStatus(status).phrase
+    return EsdResponse(orjson.dumps(body), status_code=status)
+
+
+FORBIDDEN_BODY = b'{"message":"Forbidden"}'
+
+
+def forbidden_api_key() -> Response:
+    # API Gateway's exact answer to a missing or wrong key: ESD clients match this body.
+    return EsdResponse(FORBIDDEN_BODY, status_code=403)
+
+
+# --- validation messages -----------------------------------------------------------------
+
+
+def _field(loc: tuple | list) -> str:
+    parts = [str(part) for part in loc if part not in ("body", "query", "path", "header")]
+    return ".".join(parts)
+
+
+def _describe(error: dict) -> str:
+    kind = error["type"]
+    field = _field(error.get("loc", ()))
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    prefix = f"{field}: " if field else ""
+    if kind == "string_too_short":
+        return (
+            f'{prefix}string "{value}" is too short '
+            f"(length: {len(value)}, required minimum: {ctx.get('min_length')})"
+        )
+    if kind == "too_short":
+        return (
+            f"{prefix}array is too short "
+            f"(length: {ctx.get('actual_length')}, required minimum: {ctx.get('min_length')})"
+        )
+    if kind == "string_too_long":
+        return (
+            f"{prefix}string is too long "
+            f"(length: {len(value)}, maximum allowed: {ctx.get('max_length')})"
+        )
+    if kind == "too_long":
+        return (
+            f"{prefix}array is too long "
+            f"(length: {ctx.get('actual_length')}, maximum allowed: {ctx.get('max_length')})"
+        )
+    if kind in ("model_type", "model_attributes_type", "dict_type") and not field:
+        return "request body must be a JSON object"
+    return f"{prefix}{error.get('msg', 'invalid value')}"
+
+
+def validation_message(errors: list[dict]) -> str:
+    missing = sorted({_field(e["loc"]) for e in errors if e["type"] == "missing" and _field(e["loc"])})
+    if missing:
+        return f"object has missing required properties ({json.dumps(missing, separators=(',', ':'))})"
+    if not errors:
+        return "invalid request"
+    return "; ".join(dict.fromkeys(_describe(error) for error in errors[:5]))
+
+
+# --- exception handlers --------------------------------------------------------------------
+
+
+async def _esd_error(_: Request, error: EsdError) -> Response:
+    if error.status >= 500:
+        log.warning("request.failed", status=error.status, error=error.message)
+    return respond(error.status, message=error.message)
+
+
+async def _request_validation(_: Request, error: RequestValidationError) -> Response:
+    return respond(400, message=validation_message(list(error.errors())))
+
+
+async def _pydantic_validation(_: Request, error: ValidationError) -> Response:
+    return respond(400, message=validation_message(error.errors()))
+
+
+async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
+    message = error.detail if isinstance(error.detail, str) else None
+    return respond(error.status_code, message=message)
+
+
+async def _unexpected(request: Request, error: Exception) -> Response:
+    log.exception("request.crashed", method=request.method, path=request.url.path)
+    return respond(500, message="Internal Server Error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(EsdError, _esd_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(ValidationError, _pydantic_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,160 @@
+"""Who is calling and what they may do.
+
+- The API key (`x-api-key`) is the deployment's credential: checked at the edge, before routing.
+- The acting user comes from the `username` header (1.5) or `Authorization: Bearer <hex of the
+  username>` (1.4), and must exist (401).
+- Permissions come from identity by RPC, cached per user and dropped whenever identity reports
+  a change to any user or role, so a revoked permission stops working at once."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Iterable
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.gateway.envelope import forbidden_api_key, respond
+from shared.contracts.identity import SERVICE as IDENTITY, Authenticate, Principal
+from shared.errors import Forbidden, PayloadTooLarge, Unauthorized
+from shared.messaging import RpcClient
+from shared.permissions import allows_any
+from shared.settings import API_VERSION
+
+# Documentation pages carry no data and a browser opening them sends no key.
+OPEN_PATHS = frozenset({"/api", "/docs", "/docs/oauth2-redirect", "/prod/api", "/prod/docs"})
+
+
+class EdgeMiddleware:
+    """Pure ASGI middleware: API key, request size limit, `x-api-version` on every answer."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+        self.max_body_bytes = max_body_bytes
+        self.version_header = (b"x-api-version", API_VERSION.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_versioned(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), self.version_header]
+            await send(message)
+
+        headers = dict(scope["headers"])
+        if scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
+            headers.get(b"x-api-key", b""), self.api_key
+        ):
+            await forbidden_api_key()(scope, receive, send_versioned)
+            return
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await respond(400, message="invalid Content-Length")(scope, receive, send_versioned)
+                return
+            if int(declared) > self.max_body_bytes:
+                await self._too_large()(scope, receive, send_versioned)
+                return
+        await self.app(scope, self._limited(receive), send_versioned)
+
+    def _too_large(self):
+        return respond(413, message=f"request body is larger than {self.max_body_bytes} bytes")
+
+    def _limited(self, receive: Receive) -> Receive:
+        # a chunked body declares no length: count what arrives
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+            return message
+
+        return receive_limited
+
+
+def acting_username(headers: dict[str, str] | object) -> str:
+    """The user a request acts as: `username` header, else 1.4's hex bearer token."""
+    username = headers.get("username")  # type: ignore[union-attr]
+    if username and username.strip():
+        return username.strip()
+    authorization = headers.get("authorization")  # type: ignore[union-attr]
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            try:
+                name = bytes.fromhex(token.strip()).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                raise Unauthorized("Unauthorized") from None
+            if name.strip():
+                return name.strip()
+    raise Unauthorized("Unauthorized")
+
+
+class Principals:
+    """Principals by username, from identity, cached until identity reports any change."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, rpc: RpcClient, ttl: float = 60.0) -> None:
+        self.rpc = rpc
+        self.ttl = ttl
+        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._generation = 0
+
+    async def get(self, username: str) -> Principal:
+        now = time.monotonic()
+        hit = self._cache.get(username)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        generation = self._generation
+        principal = await self.rpc.call(
+            IDENTITY, "authenticate", Authenticate(username=username), Principal
+        )
+        # an invalidation that arrived while we asked makes this answer possibly stale
+        if generation == self._generation:
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[username] = (principal, now + self.ttl)
+        return principal
+
+    def invalidate(self) -> None:
+        self._generation += 1
+        self._cache.clear()
+
+
+def check_permissions(principal: Principal, required: Iterable[str]) -> None:
+    required = list(required)
+    if not allows_any(principal.permissions, required):
+        raise Forbidden(f"User {principal.username} has no permissions: {required}")
+
+
+async def current_principal(request: Request) -> Principal:
+    return await request.app.state.principals.get(acting_username(request.headers))
+
+
+async def optional_principal(request: Request) -> Principal | None:
+    """The caller if it names a known user, else None (first-run bootstrap calls)."""
+    try:
+        return await current_principal(request)
+    except Unauthorized:
+        return None
+
+
+def require(*permissions: str) -> Callable:
+    """A dependency: the acting user, holding at least one of `permissions`."""
+
+    async def dependency(request: Request) -> Principal:
+        principal = await current_principal(request)
+        check_permissions(principal, permissions)
+        return principal
+
+    return dependency
