@@ -1,0 +1,49 @@
+"""A whole stack, started by the same code as `make up`, on free ports under a temp folder."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from deploy.local.stack import LocalStack, free_port
+
+
+def make_stack(var_dir) -> LocalStack:
+    return LocalStack(
+        var_dir,
+        gateway_port=free_port(),
+        mongo_port=free_port(),
+        s3_port=free_port(),
+        env={"ESD_BROKER_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}."},
+        quiet=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[LocalStack]:
+    running = make_stack(tmp_path_factory.mktemp("stack"))
+    running.up()
+    yield running
+    running.down()
+
+
+class Api:
+    """An ESD client: the key always, the acting user when given."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.http = httpx.Client(base_url=stack.gateway_url, timeout=30)
+        self.key = stack.api_key
+
+    def __call__(self, method: str, path: str, *, user: str | None = "admin", json=None, **kwargs) -> httpx.Response:
+        headers = {"x-api-key": self.key, **kwargs.pop("headers", {})}
+        if user is not None:
+            headers["username"] = user
+        return self.http.request(method, path, headers=headers, json=json, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def api(stack) -> Api:
+    return Api(stack)
