@@ -25,6 +25,7 @@ from shared.settings import Settings
 log = structlog.get_logger(__name__)
 
 EVENTS_EXCHANGE = "esd.events"
+DEAD_LETTER_EXCHANGE = "esd.dead-letter"
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -50,6 +51,30 @@ class Names:
     def rpc_queue(self, service: str, command: str) -> RabbitQueue:
         return RabbitQueue(f"{self.prefix}{service}.rpc.{command}", durable=True)
 
+    @property
+    def dead_letters(self) -> RabbitExchange:
+        return RabbitExchange(
+            f"{self.prefix}{DEAD_LETTER_EXCHANGE}", type=ExchangeType.DIRECT, durable=True
+        )
+
+    def work_queue(self, name: str) -> RabbitQueue:
+        """A durable queue of commands that start long work. A message its consumer rejects
+        (an unexpected error) goes to `<name>.dead` with its headers, never lost and never
+        retried forever; a consumer that dies leaves its message to be redelivered."""
+        return RabbitQueue(
+            f"{self.prefix}{name}",
+            durable=True,
+            arguments={
+                "x-dead-letter-exchange": f"{self.prefix}{DEAD_LETTER_EXCHANGE}",
+                "x-dead-letter-routing-key": f"{self.prefix}{name}",
+            },
+        )
+
+    def dead_letter_queue(self, name: str) -> RabbitQueue:
+        return RabbitQueue(
+            f"{self.prefix}{name}.dead", durable=True, routing_key=f"{self.prefix}{name}"
+        )
+
     def event_queue(self, service: str, name: str, routing_key: str) -> RabbitQueue:
         """A durable queue owned by `service`, bound to the events exchange."""
         return RabbitQueue(
@@ -60,6 +85,15 @@ class Names:
 def create_broker(settings: Settings) -> RabbitBroker:
     # FastStream's default per-message logging costs more than the work of a fast handler.
     return RabbitBroker(settings.amqp_url, logger=None, graceful_timeout=15.0)
+
+
+async def declare_work_queue(broker: RabbitBroker, names: Names, name: str) -> None:
+    """Declare a work queue with its dead-letter queue (idempotent; the broker must be
+    connected)."""
+    dead_letters = await broker.declare_exchange(names.dead_letters)
+    dead = await broker.declare_queue(names.dead_letter_queue(name))
+    await dead.bind(dead_letters, routing_key=f"{names.prefix}{name}")
+    await broker.declare_queue(names.work_queue(name))
 
 
 class RpcReply(BaseModel):
@@ -125,6 +159,16 @@ class RpcClient:
         if reply is None:
             return body.result
         return reply.model_validate(body.result)
+
+
+async def send_work(broker: RabbitBroker, names: Names, queue: str, message: BaseModel) -> None:
+    """Publish a command to a work queue: persistent, confirmed by the broker."""
+    await broker.publish(
+        message.model_dump_json(),
+        queue=names.work_queue(queue),
+        persist=True,
+        content_type="application/json",
+    )
 
 
 class EventPublisher:

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     log_format: str = "auto"
     log_level: str = "INFO"
 
+    # checkpoint downloads by URL: internal addresses are refused unless this allows them
+    checkpoint_allow_private_urls: bool = False
+    checkpoint_download_part_mb: int = 16
+    checkpoint_download_timeout: float = 60.0
+
     var_dir: Path = Path("var")
 
     def database_name(self, service: str) -> str:

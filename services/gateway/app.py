@@ -14,14 +14,14 @@ from faststream.rabbit import RabbitQueue
 
 from services.gateway.bodies import BODY_DEFINITIONS
 from services.gateway.envelope import install_error_handlers
-from services.gateway.routes import ping, roles, users
+from services.gateway.routes import checkpoints, ping, roles, users
 from services.gateway.security import EdgeMiddleware, Principals
 from shared.messaging import Names, RpcClient, create_broker
 from shared.settings import API_VERSION, Settings
 
 log = structlog.get_logger(__name__)
 
-ROUTERS = (ping.router, users.router, roles.router)
+ROUTERS = (ping.router, users.router, roles.router, checkpoints.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -1,0 +1,197 @@
+"""The checkpoint service's decisions: key layout, names, who sees what, which status changes
+are allowed, and which download addresses are safe. Pure functions."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from shared.contracts.checkpoint import (
+    ALLOWED_EXTENSIONS,
+    CheckpointItem,
+    CheckpointStatus,
+    CheckpointType,
+    CheckpointView,
+    extension_allowed,
+    safe_file_name,
+)
+from shared.contracts.identity import Principal
+from shared.errors import Invalid
+from shared.permissions import allows
+
+EVERYONE = "*"
+
+
+@dataclass
+class Checkpoint:
+    id: str
+    type: CheckpointType
+    status: CheckpointStatus
+    names: list[str]
+    bucket: str
+    params: dict[str, Any] = field(default_factory=dict)
+    allowed_roles: list[str] = field(default_factory=list)
+    created: float = 0.0
+    urls: list[str] = field(default_factory=list)
+    error: str | None = None
+    progress: dict[str, Any] | None = None
+    attempts: int = 0
+
+    @property
+    def prefix(self) -> str:
+        return key_prefix(self.type, self.id)
+
+    @property
+    def s3_location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def view(self) -> CheckpointView:
+        return CheckpointView(
+            id=self.id, type=self.type, s3_location=self.s3_location, status=self.status, params=self.params
+        )
+
+    def item(self) -> CheckpointItem:
+        return CheckpointItem(
+            id=self.id,
+            s3Location=self.s3_location,
+            type=self.type,
+            status=self.status,
+            name=self.names,
+            created=str(self.created),
+            params=self.params,
+            allowed_roles_or_users=self.allowed_roles,
+            error=self.error,
+            progress=self.progress,
+        )
+
+
+def key_prefix(checkpoint_type: CheckpointType, checkpoint_id: str) -> str:
+    """ESD's layout: `<type>/checkpoint/custom/<id>`."""
+    return f"{checkpoint_type.value}/checkpoint/custom/{checkpoint_id}"
+
+
+def duplicate_name_error(name: str) -> Invalid:
+    return Invalid(f"{name} already exists, please use another or rename/delete exists")
+
+
+def duplicates_within(names: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+# --- who sees what -------------------------------------------------------------------------
+
+
+def visible_to(checkpoint: Checkpoint, roles: Iterable[str], username: str) -> bool:
+    """Shared with everyone, with the user by name, or with one of its roles."""
+    owners = set(checkpoint.allowed_roles)
+    return not owners or EVERYONE in owners or username in owners or bool(owners & set(roles))
+
+
+def sees_everything(actor: Principal) -> bool:
+    return allows(actor.permissions, "checkpoint:all")
+
+
+def page_count(total: int, per_page: int) -> int:
+    return math.ceil(total / per_page)
+
+
+# --- status changes ------------------------------------------------------------------------
+
+
+def check_activation(checkpoint: Checkpoint, tags: dict[str, list] | None) -> None:
+    """Activating an Initial (uploading) checkpoint completes its multipart uploads, so it needs
+    every file's part tags."""
+    if not tags:
+        raise Invalid("multi parts tags is empty")
+    missing = [name for name in checkpoint.names if name not in tags]
+    if missing:
+        raise Invalid(f"multi parts tags are missing for {missing}")
+    unknown = [name for name in tags if name not in checkpoint.names]
+    if unknown:
+        raise Invalid(f"multi parts tags name files that are not in the checkpoint: {unknown}")
+
+
+def check_status_change(checkpoint: Checkpoint, wanted: CheckpointStatus) -> None:
+    if wanted in (CheckpointStatus.INITIAL, CheckpointStatus.FAILED):
+        raise Invalid(f"status can only be set to Active or Disabled, not {wanted.value}")
+    if checkpoint.status is CheckpointStatus.FAILED:
+        raise Invalid(f"checkpoint {checkpoint.id} failed ({checkpoint.error}); delete it and upload again")
+    if wanted is CheckpointStatus.DISABLED and checkpoint.status is CheckpointStatus.INITIAL:
+        raise Invalid("only an uploaded checkpoint can be disabled")
+
+
+def renamed(checkpoint: Checkpoint, new_name: str) -> str | None:
+    """The file name a rename gives (keeping the old extension when the new name has none), or
+    None when nothing changes."""
+    if checkpoint.status is not CheckpointStatus.ACTIVE:
+        raise Invalid("only active can update name")
+    old = checkpoint.names[0]
+    if not extension_allowed(new_name):
+        new_name += PurePosixPath(old).suffix
+    return None if new_name == old else new_name
+
+
+# --- downloads -----------------------------------------------------------------------------
+
+
+def file_name_from_url(url: str, content_disposition: str | None = None) -> str:
+    """The file a URL serves: Content-Disposition's file name when given, else the last
+    segment of the URL's path."""
+    if content_disposition:
+        message = Message()
+        message["content-disposition"] = content_disposition
+        name = message.get_filename()
+        if name:
+            try:
+                return safe_file_name(PurePosixPath(name.replace("\\", "/")).name)
+            except ValueError:
+                pass
+    path = unquote(urlsplit(url).path)
+    name = PurePosixPath(path).name
+    try:
+        return safe_file_name(name)
+    except ValueError:
+        raise Invalid(f"cannot tell a file name from {url}") from None
+
+
+def check_download_name(name: str) -> None:
+    if not extension_allowed(name):
+        raise Invalid(f"{name} is not a model file: only {', '.join(ALLOWED_EXTENSIONS)} are accepted")
+
+
+def check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Invalid(f"{url} is not an http(s) URL")
+
+
+def public_address(address: str) -> bool:
+    """Whether an address is on the public internet (not loopback, private, link-local,
+    multicast or reserved): only those may be fetched unless private ones are allowed."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+
+def provisional_name(url: str, checkpoint_id: str) -> str:
+    """The name a by-URL checkpoint carries until its download tells the real one."""
+    try:
+        return file_name_from_url(url)
+    except Invalid:
+        return f"download-{checkpoint_id[:8]}"

@@ -1,0 +1,128 @@
+"""Streaming a model file from a URL into object storage.
+
+The file flows through in parts (a multipart upload), so memory holds one part, never the
+file. Redirects are followed by hand so that every hop's address is checked: addresses that
+resolve to loopback, private, link-local or reserved ranges are refused unless the deployment
+allows them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import urljoin
+
+import httpx
+
+from services.checkpoint.domain import check_download_name, check_url, file_name_from_url, public_address
+from shared.errors import Invalid
+from shared.storage import ObjectStore
+
+MAX_REDIRECTS = 10
+PROGRESS_EVERY_SECONDS = 1.0
+
+# Given the file's name (from the response), reserve it and answer the storage key to write.
+NameFound = Callable[[str], Awaitable[str]]
+Progress = Callable[[int, int | None], Awaitable[None]]
+
+
+class Downloader:
+    def __init__(
+        self,
+        storage: ObjectStore,
+        *,
+        allow_private: bool,
+        part_bytes: int,
+        timeout: float,
+    ) -> None:
+        self.storage = storage
+        self.allow_private = allow_private
+        self.part_bytes = max(part_bytes, 5 * 1024 * 1024)  # S3's smallest part but the last
+        self.timeout = httpx.Timeout(timeout, connect=min(timeout, 15.0))
+
+    async def download(self, url: str, *, name_found: NameFound, progress: Progress) -> tuple[str, int]:
+        """Stream `url` into storage; returns the file name and its size in bytes."""
+        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+            response = await self._open(client, url)
+            try:
+                name = file_name_from_url(str(response.url), response.headers.get("content-disposition"))
+                check_download_name(name)
+                key = await name_found(name)
+                total = _content_length(response)
+                size = await self._upload(response, key, total, progress)
+            finally:
+                await response.aclose()
+        return name, size
+
+    async def _open(self, client: httpx.AsyncClient, url: str) -> httpx.Response:
+        for _ in range(MAX_REDIRECTS + 1):
+            check_url(url)
+            await self._check_host(httpx.URL(url).host)
+            try:
+                response = await client.send(client.build_request("GET", url), stream=True)
+            except httpx.HTTPError as error:
+                raise Invalid(f"could not download {url}: {_describe(error)}") from None
+            if response.is_redirect and "location" in response.headers:
+                await response.aclose()
+                url = urljoin(url, response.headers["location"])
+                continue
+            if response.status_code != 200:
+                await response.aclose()
+                raise Invalid(f"could not download {url}: it answered {response.status_code} {response.reason_phrase}")
+            return response
+        raise Invalid(f"could not download {url}: more than {MAX_REDIRECTS} redirects")
+
+    async def _check_host(self, host: str) -> None:
+        if self.allow_private:
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise Invalid(f"could not download from {host}: the name does not resolve") from None
+        for info in infos:
+            address = info[4][0]
+            if not public_address(address):
+                raise Invalid(
+                    f"refused to download from {host}: it resolves to the internal address {address} "
+                    "(set ESD_CHECKPOINT_ALLOW_PRIVATE_URLS=true to allow internal addresses)"
+                )
+
+    async def _upload(self, response: httpx.Response, key: str, total: int | None, progress: Progress) -> int:
+        upload_id = await self.storage.start_multipart(key)
+        parts: list[tuple[int, str]] = []
+        buffer = bytearray()
+        done = 0
+        reported = time.monotonic()
+        try:
+            async for chunk in response.aiter_bytes(1024 * 1024):
+                buffer += chunk
+                done += len(chunk)
+                if len(buffer) >= self.part_bytes:
+                    parts.append((len(parts) + 1, await self.storage.upload_part(key, upload_id, len(parts) + 1, bytes(buffer))))
+                    buffer.clear()
+                if time.monotonic() - reported >= PROGRESS_EVERY_SECONDS:
+                    reported = time.monotonic()
+                    await progress(done, total)
+            if total is not None and done != total:
+                raise Invalid(f"the download ended after {done} of {total} bytes")
+            if buffer or not parts:
+                parts.append((len(parts) + 1, await self.storage.upload_part(key, upload_id, len(parts) + 1, bytes(buffer))))
+            await self.storage.complete_multipart(key, upload_id, parts)
+        except httpx.HTTPError as error:
+            await self.storage.abort_multipart(key, upload_id)
+            raise Invalid(f"the download broke off after {done} bytes: {_describe(error)}") from None
+        except BaseException:
+            await self.storage.abort_multipart(key, upload_id)
+            raise
+        await progress(done, done)
+        return done
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _describe(error: httpx.HTTPError) -> str:
+    return str(error) or type(error).__name__

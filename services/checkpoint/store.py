@@ -1,0 +1,118 @@
+"""The checkpoint service's MongoDB collections: `checkpoints`, and `names`, which reserves
+each file name for one checkpoint (file names are unique across all checkpoints; a unique
+index on a plain field works on every MongoDB, where one over an array may not)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.checkpoint.domain import Checkpoint, duplicate_name_error
+from shared.contracts.checkpoint import CheckpointStatus, CheckpointType
+
+_FIELDS = ("id", "type", "status", "names", "bucket", "params", "allowed_roles", "created",
+           "urls", "error", "progress", "attempts")
+
+
+def _checkpoint(doc: dict) -> Checkpoint:
+    values = {name: doc[name] for name in _FIELDS if name in doc}
+    values["type"] = CheckpointType(values["type"])
+    values["status"] = CheckpointStatus(values["status"])
+    return Checkpoint(**values)
+
+
+def _doc(checkpoint: Checkpoint) -> dict:
+    doc = {name: getattr(checkpoint, name) for name in _FIELDS}
+    doc["type"] = checkpoint.type.value
+    doc["status"] = checkpoint.status.value
+    return doc
+
+
+class CheckpointStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.checkpoints = db["checkpoints"]
+        self.names = db["names"]
+
+    async def ensure_indexes(self) -> None:
+        await self.checkpoints.create_index([("id", ASCENDING)], unique=True)
+        await self.checkpoints.create_index([("created", DESCENDING)])
+        await self.names.create_index([("name", ASCENDING)], unique=True)
+
+    # --- names ---
+
+    async def reserve_names(self, names: list[str], checkpoint_id: str) -> None:
+        """Reserve every name for the checkpoint, or none (400 on the first taken one)."""
+        taken: list[str] = []
+        for name in names:
+            try:
+                await self.names.insert_one({"name": name, "checkpoint_id": checkpoint_id})
+            except DuplicateKeyError:
+                holder = await self.names.find_one({"name": name})
+                if holder is not None and holder.get("checkpoint_id") == checkpoint_id:
+                    continue  # a redelivered command reserving again
+                await self.release_names(taken, checkpoint_id)
+                raise duplicate_name_error(name) from None
+            taken.append(name)
+
+    async def release_names(self, names: list[str], checkpoint_id: str) -> None:
+        if names:
+            await self.names.delete_many({"name": {"$in": names}, "checkpoint_id": checkpoint_id})
+
+    # --- checkpoints ---
+
+    async def insert(self, checkpoint: Checkpoint) -> None:
+        await self.checkpoints.insert_one(_doc(checkpoint))
+
+    async def get(self, checkpoint_id: str) -> Checkpoint | None:
+        doc = await self.checkpoints.find_one({"id": checkpoint_id})
+        return _checkpoint(doc) if doc else None
+
+    async def update(self, checkpoint_id: str, **fields: Any) -> None:
+        await self.checkpoints.update_one({"id": checkpoint_id}, {"$set": self._values(fields)})
+
+    async def transition(
+        self, checkpoint_id: str, expected: list[CheckpointStatus], **fields: Any
+    ) -> bool:
+        """Set fields only if the status is still one of `expected` (a guard against a
+        concurrent change); True when it was."""
+        result = await self.checkpoints.update_one(
+            {"id": checkpoint_id, "status": {"$in": [status.value for status in expected]}},
+            {"$set": self._values(fields)},
+        )
+        return result.matched_count == 1
+
+    async def count_attempt(self, checkpoint_id: str) -> None:
+        await self.checkpoints.update_one({"id": checkpoint_id}, {"$inc": {"attempts": 1}})
+
+    async def page(
+        self,
+        *,
+        types: list[CheckpointType],
+        statuses: list[CheckpointStatus],
+        owners: list[str] | None,
+        skip: int,
+        limit: int,
+    ) -> tuple[int, list[Checkpoint]]:
+        query: dict[str, Any] = {}
+        if types:
+            query["type"] = {"$in": [value.value for value in types]}
+        if statuses:
+            query["status"] = {"$in": [value.value for value in statuses]}
+        if owners is not None:
+            query["allowed_roles"] = {"$in": owners}
+        total = await self.checkpoints.count_documents(query)
+        cursor = self.checkpoints.find(query).sort("created", DESCENDING).skip(skip).limit(limit)
+        return total, [_checkpoint(doc) async for doc in cursor]
+
+    async def delete(self, checkpoint_id: str) -> None:
+        await self.checkpoints.delete_one({"id": checkpoint_id})
+
+    @staticmethod
+    def _values(fields: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: value.value if isinstance(value, CheckpointStatus) else value
+            for name, value in fields.items()
+        }

@@ -1,0 +1,225 @@
+"""The checkpoint service's wire contracts: HTTP bodies, commands, replies, work messages and
+events."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+from shared.contracts.identity import Body, Principal
+from shared.messaging import Event
+
+SERVICE = "checkpoint"
+ALLOWED_EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors", ".yaml")
+
+
+class CheckpointType(StrEnum):
+    STABLE_DIFFUSION = "Stable-diffusion"
+    EMBEDDINGS = "embeddings"
+    LORA = "Lora"
+    HYPERNETWORKS = "hypernetworks"
+    CONTROLNET = "ControlNet"
+    VAE = "VAE"
+
+
+class CheckpointStatus(StrEnum):
+    INITIAL = "Initial"
+    ACTIVE = "Active"
+    DISABLED = "Disabled"
+    FAILED = "Failed"
+
+
+def safe_file_name(name: str) -> str:
+    """A plain file name: no folders, no `..`, no control characters (it becomes an S3 key and,
+    on workers, a path on disk)."""
+    name = name.strip()
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or any(ord(char) < 32 for char in name)
+        or PurePosixPath(name).name != name
+    ):
+        raise ValueError(f'"{name}" is not a plain file name')
+    return name
+
+
+FileName = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(safe_file_name)]
+
+
+def extension_allowed(name: str) -> bool:
+    return name.lower().endswith(ALLOWED_EXTENSIONS)
+
+
+# --- HTTP bodies -------------------------------------------------------------------------
+
+
+class MultipartFile(Body):
+    filename: FileName
+    parts_number: int = Field(ge=1, le=100)
+
+
+class CreateCheckpointBody(Body):
+    checkpoint_type: CheckpointType
+    filenames: Annotated[list[MultipartFile], Field(min_length=1, max_length=20)] | None = None
+    urls: Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(min_length=1, max_length=20)] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CreateCheckpointBody:
+        if (self.filenames is None) == (self.urls is None):
+            raise ValueError("give either filenames (multipart upload) or urls (download), not both")
+        return self
+
+
+class PartTag(Body):
+    ETag: str = Field(min_length=1)
+    PartNumber: int = Field(ge=1, le=10_000)
+
+
+class UpdateCheckpointBody(Body):
+    status: CheckpointStatus | None = None
+    multi_parts_tags: dict[str, list[PartTag]] | None = None
+    name: FileName | None = None
+
+
+class DeleteCheckpointsBody(Body):
+    checkpoint_id_list: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)]
+
+
+# --- commands (RPC) ------------------------------------------------------------------------
+
+
+class CreateCheckpoint(CreateCheckpointBody):
+    actor: Principal
+
+
+class UpdateCheckpoint(UpdateCheckpointBody):
+    actor: Principal
+    checkpoint_id: str
+
+
+class DeleteCheckpoints(DeleteCheckpointsBody):
+    actor: Principal
+
+
+class ListCheckpoints(BaseModel):
+    actor: Principal
+    page: int = Field(1, ge=1)
+    per_page: int = Field(10, ge=1, le=1000)
+    types: list[CheckpointType] = Field(default_factory=list)
+    status: list[CheckpointStatus] = Field(default_factory=list)
+    # list what these roles may use (`?username=` resolved by the gateway); None: the actor's
+    as_roles: list[str] | None = None
+    as_username: str | None = None
+
+
+class GetCheckpoint(BaseModel):
+    actor: Principal
+    checkpoint_id: str
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+class CheckpointView(BaseModel):
+    """A checkpoint as POST/PUT answer it (ESD's `data.checkpoint`)."""
+
+    id: str
+    type: CheckpointType
+    s3_location: str
+    status: CheckpointStatus
+    params: dict[str, Any]
+
+
+class CheckpointItem(BaseModel):
+    """A checkpoint as GET /checkpoints lists it (ESD's field names)."""
+
+    id: str
+    s3Location: str
+    type: CheckpointType
+    status: CheckpointStatus
+    name: list[str]
+    created: str
+    params: dict[str, Any]
+    allowed_roles_or_users: list[str]
+    source_path: str | None = None
+    target_path: str | None = None
+    error: str | None = None
+    progress: dict[str, Any] | None = None
+
+
+class CheckpointPage(BaseModel):
+    page: int
+    per_page: int
+    pages: int
+    total: int
+    checkpoints: list[CheckpointItem]
+
+
+class CreatedCheckpoint(BaseModel):
+    """Multipart: the checkpoint and a presigned PUT URL per part; by URL: the checkpoints
+    that will be downloaded."""
+
+    checkpoint: CheckpointView | None = None
+    s3PresignUrl: dict[str, list[str]] | None = None
+    checkpoints: list[CheckpointView] | None = None
+
+
+class UpdatedCheckpoint(BaseModel):
+    status: int
+    message: str | None = None
+    checkpoint: CheckpointView | None = None
+
+
+# --- work queues ---------------------------------------------------------------------------
+
+DOWNLOADS = "checkpoint.downloads"
+RENAMES = "checkpoint.renames"
+
+
+class DownloadCheckpoint(BaseModel):
+    checkpoint_id: str
+
+
+class RenameCheckpoint(BaseModel):
+    checkpoint_id: str
+    old_name: str
+    new_name: str
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+class CheckpointChanged(Event):
+    checkpoint_id: str
+    checkpoint_type: CheckpointType
+    names: list[str]
+    s3_location: str
+    allowed_roles: list[str]
+
+
+class CheckpointActivated(CheckpointChanged):
+    routing_key = "checkpoint.activated"
+
+
+class CheckpointRenamed(CheckpointChanged):
+    routing_key = "checkpoint.renamed"
+
+
+class CheckpointDisabled(CheckpointChanged):
+    routing_key = "checkpoint.disabled"
+
+
+class CheckpointDeleted(CheckpointChanged):
+    routing_key = "checkpoint.deleted"
+
+
+class CheckpointFailed(Event):
+    routing_key = "checkpoint.failed"
+    checkpoint_id: str
+    error: str
