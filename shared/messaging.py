@@ -113,8 +113,8 @@ def rpc_handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[di
             return RpcReply(error=error.to_info()).model_dump(mode="json")
         except Exception:
             log.exception("rpc.failed", handler=fn.__name__)
-            error = Internal("internal error, see the service log")
-            return RpcReply(error=error.to_info()).model_dump(mode="json")
+            internal = Internal("internal error, see the service log")
+            return RpcReply(error=internal.to_info()).model_dump(mode="json")
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
         return {"result": result}
@@ -123,6 +123,17 @@ def rpc_handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[di
     # the parameters are the handler's, the return is the reply envelope.
     wrapper.__signature__ = inspect.signature(fn).replace(return_annotation=dict)  # type: ignore[attr-defined]
     return wrapper
+
+
+def register_rpc(
+    broker: RabbitBroker,
+    names: Names,
+    service: str,
+    handlers: dict[str, Callable[..., Awaitable[Any]]],
+) -> None:
+    """Subscribe each handler to `<service>.rpc.<command>`, always replying (see rpc_handler)."""
+    for command, handler in handlers.items():
+        broker.subscriber(names.rpc_queue(service, command))(rpc_handler(handler))
 
 
 class RpcClient:

@@ -38,7 +38,7 @@ from shared.contracts.checkpoint import (
     UpdatedCheckpoint,
 )
 from shared.errors import Invalid, NotFound
-from shared.messaging import EventPublisher, Names, rpc_handler, send_work
+from shared.messaging import EventPublisher, Names, register_rpc, send_work
 from shared.storage import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -318,15 +318,18 @@ class Checkpoints:
 
 
 def register(broker: RabbitBroker, names: Names, checkpoints: Checkpoints) -> None:
-    commands = {
-        "create": checkpoints.create,
-        "update": checkpoints.update,
-        "delete": checkpoints.delete,
-        "list": checkpoints.list,
-        "get": checkpoints.get,
-    }
-    for command, handler in commands.items():
-        broker.subscriber(names.rpc_queue(SERVICE, command))(rpc_handler(handler))
+    register_rpc(
+        broker,
+        names,
+        SERVICE,
+        {
+            "create": checkpoints.create,
+            "update": checkpoints.update,
+            "delete": checkpoints.delete,
+            "list": checkpoints.list,
+            "get": checkpoints.get,
+        },
+    )
     # Downloads are slow and mostly waiting: a few at once per replica.
     broker.subscriber(names.work_queue(DOWNLOADS), channel=Channel(prefetch_count=4))(checkpoints.download)
     broker.subscriber(names.work_queue(RENAMES), channel=Channel(prefetch_count=2))(checkpoints.rename)

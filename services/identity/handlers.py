@@ -33,7 +33,7 @@ from shared.contracts.identity import (
     UserUpdated,
 )
 from shared.errors import Invalid, Unauthorized
-from shared.messaging import EventPublisher, Names, rpc_handler
+from shared.messaging import EventPublisher, Names, register_rpc
 from shared.permissions import EVERY_ALL
 
 log = structlog.get_logger(__name__)
@@ -172,14 +172,17 @@ class Identity:
 
 
 def register(broker: RabbitBroker, names: Names, identity: Identity) -> None:
-    commands = {
-        "authenticate": identity.authenticate,
-        "create_user": identity.create_user,
-        "list_users": identity.list_users,
-        "delete_users": identity.delete_users,
-        "create_role": identity.create_role,
-        "list_roles": identity.list_roles,
-        "delete_roles": identity.delete_roles,
-    }
-    for command, handler in commands.items():
-        broker.subscriber(names.rpc_queue(SERVICE, command))(rpc_handler(handler))
+    register_rpc(
+        broker,
+        names,
+        SERVICE,
+        {
+            "authenticate": identity.authenticate,
+            "create_user": identity.create_user,
+            "list_users": identity.list_users,
+            "delete_users": identity.delete_users,
+            "create_role": identity.create_role,
+            "list_roles": identity.list_roles,
+            "delete_roles": identity.delete_roles,
+        },
+    )
