@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from urllib.parse import urlparse
 
 import pytest
@@ -16,6 +16,7 @@ from faststream.rabbit import RabbitBroker, RabbitMessage, RabbitQueue
 from shared.messaging import Names, RpcClient, create_broker
 from shared.service import HealthCheck, Setup, serve
 from shared.settings import Settings
+from tests.support import FileServer
 
 AMQP_URL = Settings().amqp_url
 
@@ -149,3 +150,28 @@ async def event_log() -> AsyncIterator[Callable[[Settings, str], Awaitable[Event
     for broker in brokers:
         await broker.stop()
 
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server on free ports; yields settings overrides pointing at it."""
+    from deploy.local.stack import EmbeddedS3, free_port
+
+    server = EmbeddedS3(
+        tmp_path_factory.mktemp("s3"), free_port(), access_key="test-access", secret_key="test-secret", bucket="esd"
+    )
+    server.start()
+    yield {
+        "s3_endpoint_url": server.endpoint_url,
+        "s3_access_key": "test-access",
+        "s3_secret_key": "test-secret",
+        "s3_bucket": "esd",
+    }
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def file_server(tmp_path_factory) -> Iterator[FileServer]:
+    server = FileServer(tmp_path_factory.mktemp("served"))
+    yield server
+    server.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from tests.e2e.conftest import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
