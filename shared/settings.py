@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     checkpoint_download_part_mb: int = 16
     checkpoint_download_timeout: float = 60.0
 
+    # inference: endpoints whose first worker is not ready in time turn Failed; idle
+    # autoscaled pools give workers back after this long; Real-time calls wait this long
+    endpoint_start_timeout: float = 180.0
+    pool_scale_down_after: float = 60.0
+    realtime_timeout: float = 300.0
+    worker_device: str = "auto"  # auto | cpu | cuda
+    worker_heartbeat_seconds: float = 2.0
+
     var_dir: Path = Path("var")
 
     def database_name(self, service: str) -> str:

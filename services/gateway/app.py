@@ -14,14 +14,22 @@ from faststream.rabbit import RabbitQueue
 
 from services.gateway.bodies import BODY_DEFINITIONS
 from services.gateway.envelope import install_error_handlers
-from services.gateway.routes import checkpoints, ping, roles, users
+from services.gateway.completions import Completions
+from services.gateway.routes import checkpoints, endpoints, inferences, ping, roles, users
 from services.gateway.security import EdgeMiddleware, Principals
 from shared.messaging import Names, RpcClient, create_broker
 from shared.settings import API_VERSION, Settings
 
 log = structlog.get_logger(__name__)
 
-ROUTERS = (ping.router, users.router, roles.router, checkpoints.router)
+ROUTERS = (
+    ping.router,
+    users.router,
+    roles.router,
+    checkpoints.router,
+    endpoints.router,
+    inferences.router,
+)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -32,6 +40,21 @@ def create_app(settings: Settings) -> FastAPI:
     broker = create_broker(settings)
     rpc = RpcClient(broker, names, settings.rpc_timeout)
     principals = Principals(rpc)
+
+    completions = Completions()
+
+    # Real-time callers wait for their job: each replica hears every job that finishes.
+    for routing_key in ("inference.succeeded", "inference.failed"):
+        finished_queue = RabbitQueue(
+            f"{names.prefix}gateway.{uuid.uuid4().hex[:12]}.{routing_key}",
+            exclusive=True,
+            auto_delete=True,
+            routing_key=routing_key,
+        )
+
+        @broker.subscriber(finished_queue, names.events)
+        async def on_job_finished(event: dict) -> None:
+            completions.finished(event.get("inference_id", ""))
 
     # Each gateway replica drops its cached principals when any user or role changes.
     for pattern in ("user.*", "role.*"):
@@ -64,6 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.rpc = rpc
     app.state.principals = principals
+    app.state.completions = completions
+    app.state.settings = settings
     for router in ROUTERS:
         app.include_router(router)
         app.include_router(router, prefix="/prod", include_in_schema=False)

@@ -1,0 +1,88 @@
+"""Pool backends: what starts and stops the workers of an endpoint.
+
+`local` runs worker processes on this host (the embedded default). `swarm` (a Docker service)
+and `kubernetes` (a Deployment scaled by KEDA) implement the same interface. A pool's workers
+announce themselves by heartbeat; the backend only knows the processes it started."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class PoolBackend(Protocol):
+    async def scale(self, endpoint: str, count: int) -> None:
+        """Start or stop workers until the endpoint has `count`."""
+
+    def count(self, endpoint: str) -> int:
+        """Workers started and not yet exited."""
+
+    async def stop(self, endpoint: str) -> None:
+        """Stop every worker of the endpoint, letting a running job finish first."""
+
+    async def close(self) -> None:
+        """Stop every pool (the service is shutting down)."""
+
+
+class LocalPool:
+    """Worker processes on this host, one `python -m services.inference.worker` each."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None, stop_timeout: float = 60.0) -> None:
+        self.log_dir = log_dir
+        self.env = {**os.environ, **(env or {})}
+        self.stop_timeout = stop_timeout
+        self.workers: dict[str, dict[str, asyncio.subprocess.Process]] = {}
+
+    def count(self, endpoint: str) -> int:
+        return len(self._alive(endpoint))
+
+    def _alive(self, endpoint: str) -> dict[str, asyncio.subprocess.Process]:
+        pool = self.workers.setdefault(endpoint, {})
+        for worker_id in [w for w, process in pool.items() if process.returncode is not None]:
+            log.warning("pool.worker_exited", endpoint=endpoint, worker_id=worker_id, code=pool[worker_id].returncode)
+            del pool[worker_id]
+        return pool
+
+    async def scale(self, endpoint: str, count: int) -> None:
+        pool = self._alive(endpoint)
+        while len(pool) < count:
+            worker_id = f"{endpoint}-{uuid.uuid4().hex[:6]}"
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"worker-{worker_id}.log", "ab") as output:
+                pool[worker_id] = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "services.inference.worker",
+                    "--endpoint", endpoint, "--worker-id", worker_id,
+                    stdout=output, stderr=asyncio.subprocess.STDOUT,
+                    env=self.env, start_new_session=True,
+                )
+            log.info("pool.worker_started", endpoint=endpoint, worker_id=worker_id, pid=pool[worker_id].pid)
+        surplus = list(pool)[count:]
+        await asyncio.gather(*(self._stop(endpoint, worker_id) for worker_id in surplus))
+
+    async def _stop(self, endpoint: str, worker_id: str) -> None:
+        process = self.workers.get(endpoint, {}).pop(worker_id, None)
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)  # the worker finishes its job, then exits
+        try:
+            await asyncio.wait_for(process.wait(), self.stop_timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        log.info("pool.worker_stopped", endpoint=endpoint, worker_id=worker_id)
+
+    async def stop(self, endpoint: str) -> None:
+        await self.scale(endpoint, 0)
+        self.workers.pop(endpoint, None)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(endpoint) for endpoint in list(self.workers)))

@@ -1,0 +1,13 @@
+"""Diffusers configs of the architectures the engine loads, shipped so that loading a user's
+single-file checkpoint never asks the Hugging Face hub for them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SD15_CONFIGS = Path(__file__).parent / "sd15"
+
+
+def read_config(path: Path) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,161 @@
+"""Writes diffusers weights in the original LDM key layout of a single-file checkpoint.
+
+Users upload checkpoints in the layout of the original Stable Diffusion code (the one
+AUTOMATIC1111 reads): `model.diffusion_model.*`, `first_stage_model.*`,
+`cond_stage_model.transformer.*`. The random-weight models made for tests and benchmarks are
+saved the same way so that they are read by the very code that reads a user's file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+def _resnet_part(rest: str) -> str:
+    layer, _, tail = rest.partition(".")
+    return f"{_UNET_RESNET[layer]}.{tail}"
+
+
+def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """UNet2DConditionModel weights -> `openaimodel.UNetModel` keys (without the prefix).
+
+    Each resolution level holds `layers_per_block` (resnet, attention) pairs and, but for the
+    last level, a downsampler; they are numbered consecutively as `input_blocks.N`. On the way up
+    each level has one more pair and its upsampler shares the last pair's block.
+    """
+    per_level = config["layers_per_block"] + 1
+    levels_with_attention = {
+        index for index, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        out[_unet_key(key, per_level, levels_with_attention)] = tensor
+    return out
+
+
+def _unet_key(key: str, per_level: int, up_levels_with_attention: set[int]) -> str:
+    for diffusers_name, ldm_name in _UNET_TOP.items():
+        if key.startswith(diffusers_name + "."):
+            return ldm_name + key[len(diffusers_name) :]
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
+        block = 1 + level * per_level + layer
+        return f"input_blocks.{block}.0.{_resnet_part(rest)}" if kind == "resnets" else f"input_blocks.{block}.1.{rest}"
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        block = 1 + int(match[1]) * per_level + per_level - 1
+        return f"input_blocks.{block}.0.op.{match[2]}"
+    if match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(match[1])}.{_resnet_part(match[2])}"
+    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{match[1]}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
+        block = level * per_level + layer
+        return f"output_blocks.{block}.0.{_resnet_part(rest)}" if kind == "resnets" else f"output_blocks.{block}.1.{rest}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(match[1])
+        block = level * per_level + per_level - 1
+        slot = 2 if level in up_levels_with_attention else 1
+        return f"output_blocks.{block}.{slot}.conv.{match[2]}"
+    raise KeyError(f"no LDM name for UNet weight {key!r}")
+
+
+def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """AutoencoderKL weights -> the LDM autoencoder's keys (without the prefix). The decoder's
+    levels are numbered from the lowest resolution in diffusers and from the highest in LDM; the
+    mid-block attention is made of 1x1 convolutions there."""
+    levels = len(config["up_block_types"])
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        new_key = _vae_key(key, levels)
+        if ".mid.attn_1." in new_key and new_key.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        out[new_key] = tensor
+    return out
+
+
+def _vae_key(key: str, levels: int) -> str:
+    if match := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+        return f"{match[1]}.norm_out.{match[2]}"
+    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{match[1]}.block.{match[2]}.{_vae_resnet_part(match[3])}"
+    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{match[1]}.downsample.conv.{match[2]}"
+    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(match[1])}.block.{match[2]}.{_vae_resnet_part(match[3])}"
+    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(match[1])}.upsample.conv.{match[2]}"
+    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{match[1]}.mid.block_{int(match[2]) + 1}.{_vae_resnet_part(match[3])}"
+    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        return f"{match[1]}.mid.attn_1.{_VAE_ATTENTION[match[2]]}.{match[3]}"
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(post_)?quant_conv\..+", key):
+        return key
+    raise KeyError(f"no LDM name for VAE weight {key!r}")
+
+
+def _vae_resnet_part(rest: str) -> str:
+    return rest.replace("conv_shortcut", "nin_shortcut")
+
+
+def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModel weights -> the keys under `cond_stage_model.transformer.` (without it).
+    Recent transformers flatten CLIPTextModel (no `text_model.` level); checkpoints have it."""
+    out = {}
+    for key, tensor in state_dict.items():
+        out[key if key.startswith("text_model.") else f"text_model.{key}"] = tensor
+    return out
+
+
+def sd_checkpoint(
+    *,
+    unet: Mapping[str, torch.Tensor],
+    unet_config: Mapping,
+    vae: Mapping[str, torch.Tensor],
+    vae_config: Mapping,
+    text_encoder: Mapping[str, torch.Tensor],
+    context_length: int,
+) -> dict[str, torch.Tensor]:
+    """The three models as one Stable Diffusion 1.x single-file state dict."""
+    checkpoint: dict[str, torch.Tensor] = {}
+    for key, tensor in unet_to_ldm(unet, unet_config).items():
+        checkpoint[UNET_PREFIX + key] = tensor
+    for key, tensor in vae_to_ldm(vae, vae_config).items():
+        checkpoint[VAE_PREFIX + key] = tensor
+    for key, tensor in text_encoder_to_ldm(text_encoder).items():
+        checkpoint[TEXT_ENCODER_PREFIX + key] = tensor
+    # Real checkpoints carry this buffer (older transformers saved it); keep the files alike.
+    checkpoint[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(
+        context_length, dtype=torch.int64
+    )[None]
+    return {key: tensor.contiguous() for key, tensor in checkpoint.items()}

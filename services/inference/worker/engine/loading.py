@@ -1,0 +1,188 @@
+"""Loads a user's single-file checkpoint (or VAE) into a diffusers pipeline, without the hub.
+
+The file is read once; its architecture is recognised from its keys (or, for the tiny test
+models, from its metadata); the UNet and VAE go through diffusers' single-file conversion with
+configs that ship with the project, the CLIP text encoder is loaded strictly from the same
+state dict and the tokenizer is rebuilt locally.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers import PNDMScheduler
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from services.inference.worker.engine import ldm_layout, tokenizer
+from services.inference.worker.engine.configs import SD15_CONFIGS, read_config
+from services.inference.worker.engine.tiny import tiny_metadata
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_CLIP_TOKENS = ldm_layout.TEXT_ENCODER_PREFIX + "text_model.embeddings.token_embedding.weight"
+
+
+class UnsupportedCheckpoint(ValueError):
+    """The file is not a checkpoint of an architecture this engine runs."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a checkpoint needs besides its weights: diffusers configs and a tokenizer."""
+
+    name: str  # "sd15" or "tiny-sd15"
+    configs: Mapping[str, dict]  # unet, vae, text_encoder, scheduler
+    tokenizer_json: str | None = None  # the tiny models' own vocabulary
+
+    def tokenizer(self) -> CLIPTokenizer:
+        if self.tokenizer_json is not None:
+            return tokenizer.tokenizer_from_json(self.tokenizer_json)
+        return tokenizer.sd15_tokenizer()
+
+    @contextmanager
+    def config_folder(self) -> Iterator[str]:
+        """A folder in diffusers' layout (`unet/config.json`, ...) for `from_single_file`."""
+        if self.name == "sd15":
+            yield str(SD15_CONFIGS)
+            return
+        with tempfile.TemporaryDirectory(prefix="esd-configs-") as folder:
+            for component in ("unet", "vae"):
+                (Path(folder) / component).mkdir()
+                (Path(folder) / component / "config.json").write_text(json.dumps(self.configs[component]))
+            yield folder
+
+
+def sd15_architecture() -> Architecture:
+    return Architecture(
+        name="sd15",
+        configs={
+            "unet": read_config(SD15_CONFIGS / "unet" / "config.json"),
+            "vae": read_config(SD15_CONFIGS / "vae" / "config.json"),
+            "text_encoder": read_config(SD15_CONFIGS / "text_encoder" / "config.json"),
+            "scheduler": read_config(SD15_CONFIGS / "scheduler" / "scheduler_config.json"),
+        },
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` file, or of a pickled checkpoint read with
+    `weights_only` (no code in a user's file is ever run)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a corrupt file or a pickle with objects beyond tensors
+        raise UnsupportedCheckpoint(f"{path.name} could not be read as a checkpoint: {error}") from error
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UnsupportedCheckpoint(f"{path.name} holds no state dict")
+    return state
+
+
+def recognise(path: Path, state: Mapping[str, torch.Tensor]) -> Architecture:
+    metadata = tiny_metadata(path)
+    if metadata is not None:
+        return Architecture(
+            name="tiny-sd15",
+            configs={key: metadata[key] for key in ("unet", "vae", "text_encoder", "scheduler")},
+            tokenizer_json=json.dumps(metadata["tokenizer"]),
+        )
+    if any(key.startswith("conditioner.embedders.") for key in state):
+        raise UnsupportedCheckpoint(f"{path.name} is an SDXL checkpoint; only Stable Diffusion 1.x is supported so far")
+    if any(key.startswith("cond_stage_model.model.") for key in state):
+        raise UnsupportedCheckpoint(f"{path.name} is a Stable Diffusion 2.x checkpoint; only 1.x is supported so far")
+    tokens = state.get(_CLIP_TOKENS)
+    unet_in = state.get(ldm_layout.UNET_PREFIX + "input_blocks.0.0.weight")
+    if tokens is None or unet_in is None:
+        raise UnsupportedCheckpoint(f"{path.name} is not a Stable Diffusion checkpoint (no UNet or CLIP weights)")
+    if tuple(tokens.shape) != (49408, 768):
+        raise UnsupportedCheckpoint(f"{path.name} has a text encoder of shape {tuple(tokens.shape)}, not SD 1.x's")
+    if unet_in.shape[1] != 4:
+        raise UnsupportedCheckpoint(f"{path.name} is an inpainting or other {unet_in.shape[1]}-channel model; not supported")
+    return sd15_architecture()
+
+
+@dataclass
+class LoadedCheckpoint:
+    pipeline: StableDiffusionPipeline
+    architecture: Architecture
+
+
+def load_checkpoint(path: Path, *, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
+    """Read a single-file SD 1.x checkpoint into a pipeline on `device` (one read of the file)."""
+    state = read_state_dict(path)
+    architecture = recognise(path, state)
+    # float32 is diffusers' default; naming it makes it warn about casting
+    load_dtype = None if dtype == torch.float32 else dtype
+    with architecture.config_folder() as folder:
+        unet = UNet2DConditionModel.from_single_file(
+            state, config=folder, subfolder="unet", torch_dtype=load_dtype, local_files_only=True
+        )
+        vae = AutoencoderKL.from_single_file(
+            state, config=folder, subfolder="vae", torch_dtype=load_dtype, local_files_only=True
+        )
+    text_encoder = load_text_encoder(state, architecture.configs["text_encoder"], dtype)
+    del state
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=architecture.tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(architecture.configs["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    if device.type != "cpu":
+        pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return LoadedCheckpoint(pipeline=pipeline, architecture=architecture)
+
+
+def load_text_encoder(state: Mapping[str, torch.Tensor], config: dict, dtype: torch.dtype) -> CLIPTextModel:
+    """The CLIP text encoder under `cond_stage_model.transformer.`, loaded strictly."""
+    prefix = ldm_layout.TEXT_ENCODER_PREFIX
+    model = CLIPTextModel(CLIPTextConfig(**config))
+    wanted = model.state_dict().keys()
+    weights = {}
+    for key, tensor in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name not in wanted:
+            name = name.removeprefix("text_model.")  # recent transformers flatten CLIPTextModel
+        if name in wanted:
+            weights[name] = tensor
+    missing = sorted(set(wanted) - weights.keys())
+    if missing:
+        raise UnsupportedCheckpoint(f"the checkpoint's text encoder lacks {len(missing)} weights, e.g. {missing[:3]}")
+    model.load_state_dict(weights, strict=True)
+    return model.to(dtype).eval()
+
+
+def load_vae(path: Path, *, architecture: Architecture, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """A standalone VAE file (`encoder.*`/`decoder.*`, or inside a whole checkpoint) for a model
+    of `architecture`."""
+    state = read_state_dict(path)
+    if not any(key.startswith(("encoder.", "decoder.", ldm_layout.VAE_PREFIX)) for key in state):
+        raise UnsupportedCheckpoint(f"{path.name} is not a VAE (no encoder or decoder weights)")
+    with architecture.config_folder() as folder:
+        vae = AutoencoderKL.from_single_file(
+            state,
+            config=folder,
+            subfolder="vae",
+            torch_dtype=None if dtype == torch.float32 else dtype,
+            local_files_only=True,
+        )
+    return (vae.to(device) if device.type != "cpu" else vae).eval()

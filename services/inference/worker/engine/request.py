@@ -1,0 +1,182 @@
+"""The generation request: an AUTOMATIC1111 `/sdapi/v1/txt2img` or `img2img` body, validated.
+
+Unknown keys are ignored (clients send A1111's whole parameter set, `alwayson_scripts`
+included, and the non-standard `Infinity` for `s_tmax`); a bad value raises a ValueError whose
+message names the field, which the worker records as the job's failure reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.inference.worker.engine.samplers import SamplerChoice, resolve_sampler
+
+Task = Literal["txt2img", "img2img"]
+TASKS: tuple[str, ...] = ("txt2img", "img2img")
+MAX_SEED = 2**32 - 1
+
+# <lora:name>, <lora:name:0.8>, <lora:name:0.8:0.5> (A1111's text-encoder/UNet pair; the first
+# weight is used for both); LyCORIS's <lyco:...> reads the same.
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    task: Task = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1, le=150)
+    sampler_name: str = "Euler a"
+    scheduler: str | None = None  # A1111 1.9+: "Automatic", "Karras", ...
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0, allow_inf_nan=False)
+    width: int = Field(512, ge=64, le=2048)
+    height: int = Field(512, ge=64, le=2048)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    subseed: int = -1  # variation seeds are not supported; accepted and ignored
+    batch_size: int = Field(1, ge=1, le=64)
+    n_iter: int = Field(1, ge=1, le=100)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False)
+    init_images: list[str] = Field(default_factory=list)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data: Any) -> Any:
+        # A1111 clients send `null` for fields they leave at the default.
+        if isinstance(data, dict):
+            data = {key: value for key, value in data.items() if value is not None}
+            if "sampler_name" not in data and isinstance(data.get("sampler_index"), str):
+                data["sampler_name"] = data["sampler_index"]  # the pre-1.0 field name
+        return data
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        resolve_sampler(value)
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            resolve_sampler("Euler", value)
+        return value
+
+    @field_validator("init_images")
+    @classmethod
+    def _images_decode(cls, value: list[str]) -> list[str]:
+        for index, text in enumerate(value):
+            try:
+                decode_image(text)
+            except ValueError as error:
+                raise ValueError(f"image {index}: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _task_inputs(self) -> GenerationRequest:
+        if self.task == "img2img":
+            if not self.init_images:
+                raise ValueError("init_images: img2img needs at least one image")
+            if int(self.steps * self.denoising_strength) < 1:
+                raise ValueError(
+                    f"denoising_strength: {self.denoising_strength} x {self.steps} steps leaves no step to run"
+                )
+        return self
+
+    @classmethod
+    def from_payload(cls, task: str, payload: dict[str, Any]) -> GenerationRequest:
+        """Validate an A1111 body for `task` (txt2img or img2img)."""
+        if task not in TASKS:
+            raise ValueError(f"task type {task} should be in {list(TASKS)}")
+        if not isinstance(payload, dict):
+            raise ValueError(f"the {task} payload must be a JSON object, not {type(payload).__name__}")
+        try:
+            return cls.model_validate({**payload, "task": task})
+        except ValidationError as error:
+            raise ValueError(f"invalid {task} payload: {_describe(error)}") from None
+
+    # What the engine derives from the request.
+
+    @property
+    def sampler(self) -> SamplerChoice:
+        return resolve_sampler(self.sampler_name, self.scheduler)
+
+    @property
+    def images_count(self) -> int:
+        return self.batch_size * self.n_iter
+
+    @property
+    def clip_skip(self) -> int:
+        """A1111's "Clip skip" (1 = the last layer), from `override_settings`."""
+        value = self.override_settings.get("CLIP_stop_at_last_layers", 1)
+        try:
+            return max(1, int(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"override_settings.CLIP_stop_at_last_layers: not a number ({value!r})") from None
+
+    @property
+    def vae_setting(self) -> str | None:
+        """`override_settings.sd_vae`, or None when it asks for the checkpoint's own VAE."""
+        value = self.override_settings.get("sd_vae")
+        if not isinstance(value, str) or value.strip() in ("", "Automatic", "None"):
+            return None
+        return value.strip()
+
+    def lora_tags(self) -> tuple[str, dict[str, float]]:
+        """The prompt without its `<lora:name:weight>` tags, and the weights by LoRA name."""
+        weights: dict[str, float] = {}
+
+        def take(match: re.Match) -> str:
+            name, weight = match[1].strip(), (match[2] or "").strip()
+            try:
+                value = float(weight) if weight else 1.0
+            except ValueError:
+                raise ValueError(f"prompt: LoRA {name!r} has a weight that is not a number ({weight!r})") from None
+            weights[name] = weights.get(name, 0.0) + value
+            return ""
+
+        prompt = _LORA_TAG.sub(take, self.prompt)
+        prompt = re.sub(r"\s+,", ",", re.sub(r"[ \t]{2,}", " ", prompt))
+        return prompt.strip(" ,"), weights
+
+    def init_image(self) -> Image.Image:
+        return decode_image(self.init_images[0]).convert("RGB")
+
+
+def decode_image(text: str) -> Image.Image:
+    """A base64 PNG/JPEG/WebP, with or without a `data:image/...;base64,` prefix."""
+    try:
+        raw = base64.b64decode(_DATA_URL.sub("", text.strip()), validate=False)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
+        raise ValueError("not a base64-encoded PNG or JPEG image") from None
+    return image
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("value_error",) and "input" in item and not isinstance(item["input"], (dict, list)):
+            message += f" (got {item['input']!r})"
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts)
+

@@ -1,0 +1,275 @@
+"""Random-weight Stable Diffusion checkpoints for tests and benchmarks, written as real files.
+
+No weights can be downloaded here, so tests make their own: a tiny SD-1.5-shaped model (a few
+MB, fast on a CPU) saved as one `.safetensors` file in the original single-file layout, plus a
+LoRA, a VAE and an embedding made for it. The tiny architecture and its tokenizer travel in the
+file's metadata, since the shipped full-size configs don't fit it. `make_sd15_checkpoint` writes
+the full-size architecture with random weights, for speed measurements.
+
+    python -m services.inference.worker.engine.tiny --out tiny.safetensors [--seed N]
+    python -m services.inference.worker.engine.tiny --out sd15.safetensors --full-size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from services.inference.worker.engine import ldm_layout
+from services.inference.worker.engine.configs import SD15_CONFIGS, read_config
+
+TINY_METADATA_KEY = "esd.tiny_sd"
+CONTEXT_LENGTH = 77
+
+# Words that become single tokens in the tiny vocabulary, so that prompts in tests look real.
+_TINY_WORDS = (
+    "a an the of and with in on at by photo painting portrait picture of cat dog horse bird "
+    "astronaut riding red green blue yellow black white sky sea forest city mountain house "
+    "beautiful detailed high quality best worst low blurry ugly lowres man woman girl boy face "
+    "tree flower sunset night day light dark style art anime realistic masterpiece"
+).split()
+
+
+def tiny_tokenizer_merges() -> list[tuple[str, str]]:
+    """Byte-pair merges learnt on `_TINY_WORDS` until each word is one token: the most frequent
+    adjacent pair is merged first (ties broken alphabetically), as BPE training does, so that
+    applying the merges by rank gives back whole words."""
+    words = [list(word[:-1]) + [word[-1] + "</w>"] for word in dict.fromkeys(_TINY_WORDS)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in words:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for index, symbols in enumerate(words):
+            merged: list[str] = []
+            position = 0
+            while position < len(symbols):
+                if tuple(symbols[position : position + 2]) == best:
+                    merged.append(symbols[position] + symbols[position + 1])
+                    position += 2
+                else:
+                    merged.append(symbols[position])
+                    position += 1
+            words[index] = merged
+
+
+def tiny_configs(vocab_size: int) -> dict[str, dict]:
+    """The tiny architecture: SD 1.5's shape (4 VAE levels, cross-attention in all UNet levels
+    but the deepest, CLIP text encoder) with tiny widths."""
+    return {
+        "unet": {
+            "_class_name": "UNet2DConditionModel",
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+            "attention_head_dim": 4,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "_class_name": "AutoencoderKL",
+            "sample_size": 64,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [16, 16, 32, 32],
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "norm_num_groups": 8,
+            "scaling_factor": 0.18215,
+        },
+        "text_encoder": {
+            "model_type": "clip_text_model",
+            "architectures": ["CLIPTextModel"],
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "max_position_embeddings": CONTEXT_LENGTH,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-05,
+            "projection_dim": 32,
+            "bos_token_id": vocab_size - 2,
+            "eos_token_id": vocab_size - 1,
+            "pad_token_id": vocab_size - 1,
+        },
+        "scheduler": read_config(SD15_CONFIGS / "scheduler" / "scheduler_config.json"),
+    }
+
+
+def _random_models(configs: dict[str, dict], seed: int):
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKL.from_config(configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    return unet, vae, text_encoder
+
+
+def tiny_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """The tiny UNet, VAE and text encoder that `make_tiny_checkpoint(seed=seed)` saves."""
+    return _random_models(tiny_configs(512 + len(tiny_tokenizer_merges()) + 2), seed)
+
+
+def make_tiny_checkpoint(out_path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SD-1.5-shaped checkpoint with random weights; the same seed gives the same
+    file."""
+    merges = tiny_tokenizer_merges()
+    unet, vae, text_encoder = tiny_models(seed)
+    # Saved configs come from the models, so that defaults filled in by diffusers travel too.
+    metadata = {
+        "unet": json.loads(unet.to_json_string()),
+        "vae": json.loads(vae.to_json_string()),
+        "text_encoder": json.loads(text_encoder.config.to_json_string()),
+        "scheduler": read_config(SD15_CONFIGS / "scheduler" / "scheduler_config.json"),
+        "tokenizer": {"merges": merges, "model_max_length": CONTEXT_LENGTH},
+    }
+    checkpoint = ldm_layout.sd_checkpoint(
+        unet=unet.state_dict(),
+        unet_config=unet.config,
+        vae=vae.state_dict(),
+        vae_config=vae.config,
+        text_encoder=text_encoder.state_dict(),
+        context_length=CONTEXT_LENGTH,
+    )
+    return _save(checkpoint, out_path, {TINY_METADATA_KEY: json.dumps(metadata)})
+
+
+def make_sd15_checkpoint(
+    out_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Write a full-size Stable Diffusion 1.5 checkpoint (about 2 GB in fp16) with random
+    weights, for load and speed measurements; it needs no metadata, like a user's file."""
+    configs = {
+        name: read_config(SD15_CONFIGS / name / "config.json")
+        for name in ("unet", "vae", "text_encoder")
+    }
+    unet, vae, text_encoder = _random_models(configs, seed)
+    checkpoint = ldm_layout.sd_checkpoint(
+        unet=unet.state_dict(),
+        unet_config=unet.config,
+        vae=vae.state_dict(),
+        vae_config=vae.config,
+        text_encoder=text_encoder.state_dict(),
+        context_length=CONTEXT_LENGTH,
+    )
+    checkpoint = {
+        key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+        for key, tensor in checkpoint.items()
+    }
+    return _save(checkpoint, out_path, {})
+
+
+def tiny_metadata(checkpoint: str | Path) -> dict | None:
+    """The tiny architecture stored in a checkpoint by `make_tiny_checkpoint`, or None."""
+    if Path(checkpoint).suffix != ".safetensors":
+        return None
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(TINY_METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def make_tiny_lora(
+    base_checkpoint: str | Path, out_path: str | Path, seed: int = 0, rank: int = 4
+) -> Path:
+    """A LoRA for the tiny model in the kohya / AUTOMATIC1111 layout
+    (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) on every attention
+    projection of the UNet and the text encoder, with weights large enough to change images."""
+    metadata = tiny_metadata(base_checkpoint)
+    if metadata is None:
+        raise ValueError(f"{base_checkpoint} is not a tiny checkpoint")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(metadata["unet"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**metadata["text_encoder"]))
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(prefix: str, module_name: str, module: torch.nn.Linear) -> None:
+        name = f"{prefix}_{module_name.replace('.', '_')}"
+        down = torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+        up = torch.randn(module.out_features, rank, generator=generator)
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+
+    for module_name, module in unet.named_modules():
+        if re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", module_name):
+            add("lora_unet", module_name, module)
+    for module_name, module in text_encoder.named_modules():
+        if isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "out_proj",
+        }:
+            # kohya names text encoder modules from the `text_model` level
+            full_name = module_name if module_name.startswith("text_model.") else f"text_model.{module_name}"
+            add("lora_te", full_name, module)
+    return _save(tensors, out_path, {"ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
+
+
+def make_tiny_vae(base_checkpoint: str | Path, out_path: str | Path, seed: int = 1) -> Path:
+    """A standalone VAE for the tiny model, in the single-file VAE layout (`encoder.*`,
+    `decoder.*`, `quant_conv.*`, `post_quant_conv.*`), with other random weights."""
+    metadata = tiny_metadata(base_checkpoint)
+    if metadata is None:
+        raise ValueError(f"{base_checkpoint} is not a tiny checkpoint")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(metadata["vae"])
+    tensors = ldm_layout.vae_to_ldm(vae.state_dict(), vae.config)
+    return _save({key: tensor.contiguous() for key, tensor in tensors.items()}, out_path, {})
+
+
+def make_tiny_embedding(
+    base_checkpoint: str | Path, out_path: str | Path, seed: int = 0, vectors: int = 2
+) -> Path:
+    """A textual-inversion embedding for the tiny model in AUTOMATIC1111's safetensors layout
+    (`emb_params`: one row per vector)."""
+    metadata = tiny_metadata(base_checkpoint)
+    if metadata is None:
+        raise ValueError(f"{base_checkpoint} is not a tiny checkpoint")
+    generator = torch.Generator().manual_seed(seed)
+    width = metadata["text_encoder"]["hidden_size"]
+    return _save({"emb_params": torch.randn(vectors, width, generator=generator)}, out_path, {})
+
+
+def _save(tensors: dict[str, torch.Tensor], out_path: str | Path, metadata: dict[str, str]) -> Path:
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-size", action="store_true", help="SD 1.5's real size (fp16, ~2 GB)")
+    args = parser.parse_args(argv)
+    if args.full_size:
+        path = make_sd15_checkpoint(args.out, seed=args.seed)
+    else:
+        path = make_tiny_checkpoint(args.out, seed=args.seed)
+    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

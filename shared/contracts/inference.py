@@ -1,0 +1,292 @@
+"""The inference service's wire contracts: endpoints (worker pools) and inference jobs, the
+commands between gateway, service and workers, and the events clients follow."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, model_validator
+
+from shared.contracts.checkpoint import CheckpointType
+from shared.contracts.identity import Body, Principal
+from shared.messaging import Event
+
+SERVICE = "inference"
+HEARTBEATS = "inference.heartbeats"
+TASK_TYPES = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
+
+
+def queue_of(endpoint_name: str) -> str:
+    """The work queue of an endpoint's pool: its depth is what scales the pool."""
+    return f"inference.{endpoint_name}"
+
+
+class EndpointType(StrEnum):
+    REAL_TIME = "Real-time"
+    ASYNC = "Async"
+
+
+class EndpointStatus(StrEnum):
+    CREATING = "Creating"
+    IN_SERVICE = "InService"
+    FAILED = "Failed"
+    DELETING = "Deleting"
+
+
+class JobStatus(StrEnum):
+    CREATED = "created"
+    IN_PROGRESS = "inprogress"
+    SUCCEEDED = "succeed"  # ESD's spelling
+    FAILED = "failed"
+
+
+def _int_from_string(value: Any) -> Any:
+    # ESD clients send counts as strings ("1")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_int_from_string)]
+RoleName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+# --- HTTP bodies -------------------------------------------------------------------------
+
+
+class CreateEndpointBody(Body):
+    endpoint_name: Annotated[str, StringConstraints(max_length=20, pattern=r"^[A-Za-z0-9-]*$")] | None = None
+    endpoint_type: EndpointType
+    instance_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    initial_instance_count: Annotated[Count, Field(ge=1, le=100)]
+    autoscaling_enabled: bool = False
+    assign_to_roles: Annotated[list[RoleName], Field(min_length=1, max_length=10)]
+    min_instance_number: Annotated[Count, Field(ge=0, le=100)] | None = None
+    max_instance_number: Annotated[Count, Field(ge=1, le=100)] | None = None
+
+    @model_validator(mode="after")
+    def _limits(self) -> CreateEndpointBody:
+        minimum, maximum = self.limits()
+        if minimum > maximum:
+            raise ValueError(f"min_instance_number {minimum} is above max_instance_number {maximum}")
+        if self.autoscaling_enabled and self.endpoint_type is EndpointType.REAL_TIME and minimum < 1:
+            raise ValueError("a Real-time endpoint with autoscaling needs min_instance_number >= 1")
+        return self
+
+    def limits(self) -> tuple[int, int]:
+        default_min = 0 if self.endpoint_type is EndpointType.ASYNC else 1
+        minimum = self.min_instance_number if self.min_instance_number is not None else default_min
+        maximum = self.max_instance_number if self.max_instance_number is not None else max(
+            self.initial_instance_count, minimum, 1
+        )
+        return minimum, maximum
+
+
+class DeleteEndpointsBody(Body):
+    endpoint_name_list: Annotated[list[RoleName], Field(min_length=1, max_length=10)]
+
+
+class CreateInferenceBody(Body):
+    task_type: str
+    inference_type: EndpointType
+    models: dict[str, list[str]] = Field(default_factory=dict)
+    sagemaker_endpoint_name: str | None = None
+    payload_string: str | None = None
+
+
+class DeleteInferencesBody(Body):
+    inference_id_list: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)]
+
+
+# --- commands (RPC) ------------------------------------------------------------------------
+
+
+class CreateEndpoint(CreateEndpointBody):
+    actor: Principal
+
+
+class ListEndpoints(BaseModel):
+    actor: Principal
+    as_roles: list[str] | None = None  # `?username=` resolved by the gateway
+    limit: int = 10
+    exclusive_start_key: str | None = None
+
+
+class DeleteEndpoints(DeleteEndpointsBody):
+    actor: Principal
+
+
+class CreateInference(CreateInferenceBody):
+    actor: Principal
+
+
+class StartInference(BaseModel):
+    actor: Principal
+    inference_id: str
+
+
+class GetInference(BaseModel):
+    actor: Principal
+    inference_id: str
+
+
+class ListInferences(BaseModel):
+    actor: Principal
+    task_type: str = "txt2img"
+    username: str | None = None
+    limit: int = 10
+    exclusive_start_key: str | None = None
+
+
+class DeleteInferences(DeleteInferencesBody):
+    actor: Principal
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+class EndpointView(BaseModel):
+    EndpointDeploymentJobId: str
+    endpoint_name: str
+    endpoint_type: EndpointType
+    endpoint_status: EndpointStatus
+    instance_type: str
+    autoscaling: bool
+    min_instance_number: str
+    max_instance_number: str
+    current_instance_count: str
+    startTime: str
+    endTime: str | None = None
+    status: str | None = None
+    error: str | None = None
+    owner_group_or_role: list[str]
+
+
+class EndpointPage(BaseModel):
+    endpoints: list[EndpointView]
+    last_evaluated_key: str | None = None
+
+
+class ModelRef(BaseModel):
+    id: str
+    name: list[str]
+    type: str
+
+
+class CreatedInference(BaseModel):
+    inference: dict[str, Any]
+    job: dict[str, Any] | None = None  # the "one API" form: the started (or finished) job
+    status: int = 201
+
+
+class StartedInference(BaseModel):
+    inference: dict[str, Any]
+    inference_type: EndpointType
+
+
+class InferencePage(BaseModel):
+    inferences: list[dict[str, Any]]
+    last_evaluated_key: str | None = None
+
+
+# --- between the service and its workers ---------------------------------------------------
+
+
+class ModelFile(BaseModel):
+    type: CheckpointType
+    checkpoint_id: str
+    name: str
+    key: str  # object key of the file
+    size: int | None = None
+
+
+class RunInference(BaseModel):
+    """What a worker needs to run one job; sent to `inference.<endpoint>`."""
+
+    inference_id: str
+    task_type: str
+    payload_key: str
+    output_prefix: str
+    models: list[ModelFile]
+
+
+class WorkerHeartbeat(BaseModel):
+    endpoint_name: str
+    worker_id: str
+    state: str  # starting | ready | busy | stopping
+    at: float
+
+
+class JobStarted(BaseModel):
+    inference_id: str
+    worker_id: str
+
+
+class JobStartDecision(BaseModel):
+    run: bool  # False: already finished (a redelivery) or given up
+    reason: str | None = None
+
+
+class JobSucceeded(BaseModel):
+    inference_id: str
+    worker_id: str
+    image_names: list[str]
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobFailed(BaseModel):
+    inference_id: str
+    worker_id: str
+    error: str
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+class InferenceStarted(Event):
+    routing_key = "inference.started"
+    inference_id: str
+    endpoint_name: str
+    worker_id: str
+
+
+class InferenceProgress(Event):
+    routing_key = "inference.progress"
+    inference_id: str
+    step: int
+    total: int
+
+
+class InferenceSucceeded(Event):
+    routing_key = "inference.succeeded"
+    inference_id: str
+    endpoint_name: str
+    image_keys: list[str]
+    owner: str
+
+
+class InferenceFailed(Event):
+    routing_key = "inference.failed"
+    inference_id: str
+    endpoint_name: str
+    error: str
+    owner: str
+
+
+class EndpointChanged(Event):
+    endpoint_name: str
+    endpoint_status: EndpointStatus
+    current_instance_count: int
+
+
+class EndpointInService(EndpointChanged):
+    routing_key = "endpoint.in_service"
+
+
+class EndpointFailed(EndpointChanged):
+    routing_key = "endpoint.failed"
+
+
+class EndpointDeleted(EndpointChanged):
+    routing_key = "endpoint.deleted"
