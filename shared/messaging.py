@@ -11,6 +11,7 @@ broker, and carries request/reply (RPC) and events.
 from __future__ import annotations
 
 import functools
+import logging
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
@@ -82,9 +83,16 @@ class Names:
         )
 
 
-def create_broker(settings: Settings) -> RabbitBroker:
-    # FastStream's default per-message logging costs more than the work of a fast handler.
-    return RabbitBroker(settings.amqp_url, logger=None, graceful_timeout=15.0)
+def create_broker(settings: Settings, *, graceful_timeout: float = 15.0) -> RabbitBroker:
+    # FastStream logs every message at `log_level`: at DEBUG it is filtered out (its default
+    # per-message logging costs more than a fast handler's work), while a handler's exception
+    # is still logged at ERROR.
+    return RabbitBroker(
+        settings.amqp_url,
+        logger=logging.getLogger("faststream"),
+        log_level=logging.DEBUG,
+        graceful_timeout=graceful_timeout,
+    )
 
 
 async def declare_work_queue(broker: RabbitBroker, names: Names, name: str) -> None:

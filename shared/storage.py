@@ -110,9 +110,12 @@ class ObjectStore:
 
     async def stream(self, key: str, chunk: int = 8 * 1024 * 1024) -> AsyncIterator[bytes]:
         reply = await self.client.get_object(Bucket=self.bucket, Key=key)
-        async with reply["Body"] as body:
+        body = reply["Body"]
+        try:
             while data := await body.read(chunk):
                 yield data
+        finally:
+            body.close()
 
     async def size(self, key: str) -> int | None:
         try:

@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 import structlog
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import RabbitBroker, RabbitMessage
 
 from services.inference import domain
 from services.inference.pools import PoolBackend
@@ -466,8 +466,6 @@ def register(broker: RabbitBroker, names: Names, inference: Inference) -> None:
         "job_failed": inference.job_failed,
     })
     broker.subscriber(names.work_queue(HEARTBEATS))(inference.heartbeat)
-
-    from faststream.rabbit import RabbitMessage
 
     @broker.subscriber(names.event_queue(SERVICE, "checkpoints", "checkpoint.*"), names.events)
     async def checkpoint_changed(event: dict, message: RabbitMessage) -> None:

@@ -59,7 +59,8 @@ class Worker:
         self.endpoint = endpoint
         self.worker_id = worker_id
         self.names = Names(settings.broker_prefix)
-        self.broker = create_broker(settings)
+        # on SIGTERM the job in hand may finish: allow it as long as a Real-time caller waits
+        self.broker = create_broker(settings, graceful_timeout=settings.realtime_timeout)
         self.rpc = RpcClient(self.broker, self.names, timeout=30)
         self.events = EventPublisher(self.broker, self.names)
         self.cache = settings.var_dir.resolve() / "models"
@@ -155,7 +156,7 @@ class Worker:
         await self.rpc.call(SERVICE, "job_failed", JobFailed(inference_id=run.inference_id, worker_id=self.worker_id, error=error))
 
     async def _run(self, run: RunInference) -> tuple[list[str], dict]:
-        from services.inference.worker.engine import GenerationRequest, ModelFiles, TokenizerUnavailable, UnsupportedCheckpoint
+        from services.inference.worker.engine import GenerationRequest, TokenizerUnavailable, UnsupportedCheckpoint
 
         if run.task_type not in RUNNABLE:
             raise JobError(f"task type {run.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})")
