@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support import wait_for
+from tests.support import EventListener, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -105,3 +105,87 @@ def test_async_txt2img_reports_batch_size_images_of_the_requested_size(api, asyn
     assert "Steps: 4" in images[0].info["parameters"]
     record = httpx.get(job["output_presigned_urls"][0]).json()
     assert record["info"]["all_seeds"] == [1234, 1235]
+
+
+def test_the_same_seed_gives_the_same_image(api, async_endpoint, tiny_models):
+    models = {"Stable-diffusion": [tiny_models["model"]]}
+    first = run_async(api, async_endpoint, models, payload(seed=77))
+    again = run_async(api, async_endpoint, models, payload(seed=77))
+    other = run_async(api, async_endpoint, models, payload(seed=78))
+    pixels = [images_of(job)[0].tobytes() for job in (first, again, other)]
+    assert pixels[0] == pixels[1]
+    assert pixels[0] != pixels[2]
+
+
+def test_a_lora_changes_the_output(api, async_endpoint, tiny_models):
+    plain = {"Stable-diffusion": [tiny_models["model"]]}
+    with_lora = {**plain, "Lora": [tiny_models["lora"]]}
+    stem = tiny_models["lora"].removesuffix(".safetensors")
+    without = run_async(api, async_endpoint, plain, payload(seed=5))
+    lora = run_async(api, async_endpoint, with_lora, payload(seed=5, prompt=f"a tiny red cube <lora:{stem}:1>"))
+    assert lora["status"] == "succeed", lora.get("error")
+    assert images_of(without)[0].tobytes() != images_of(lora)[0].tobytes()
+
+
+def test_img2img_starts_from_the_given_image(api, async_endpoint, tiny_models):
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(source, format="PNG")
+    body = payload(init_images=[base64.b64encode(source.getvalue()).decode()], denoising_strength=0.5)
+    job = run_async(api, async_endpoint, {"Stable-diffusion": [tiny_models["model"]]}, body, task="img2img")
+    assert job["status"] == "succeed", job.get("error")
+    assert images_of(job)[0].size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "body, task, reason",
+    [
+        (payload(width=100), "txt2img", "width"),
+        (payload(sampler_name="Warp Drive"), "txt2img", "Warp Drive"),
+        ({"prompt": "x", "steps": "many"}, "txt2img", "steps"),
+    ],
+)
+def test_a_bad_payload_fails_the_job_with_the_reason(api, async_endpoint, tiny_models, body, task, reason):
+    job = run_async(api, async_endpoint, {"Stable-diffusion": [tiny_models["model"]]}, body, task=task)
+    assert job["status"] == "failed"
+    assert reason in job["error"]
+
+
+def test_a_task_the_workers_cannot_run_fails_clearly(api, async_endpoint, tiny_models):
+    job = run_async(api, async_endpoint, {}, {"image": ""}, task="rembg")
+    assert job["status"] == "failed"
+    assert "rembg is not supported" in job["error"]
+
+
+def test_payload_may_carry_infinity(api, async_endpoint, tiny_models):
+    created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "sagemaker_endpoint_name": async_endpoint})
+    inference = created.json()["data"]["inference"]
+    text = json.dumps(payload()).replace("}", ', "s_tmax": Infinity}')
+    httpx.put(inference["api_params_s3_upload_url"], content=text.encode())
+    api("PUT", f"/inferences/{inference['id']}/start")
+    job = wait_for(lambda: (j := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed") and j, timeout=120)
+    assert job["status"] == "succeed", job.get("error")
+
+
+def test_one_api_async_answers_202_and_finishes(api, async_endpoint, tiny_models):
+    response = api("POST", "/inferences", json={
+        "task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]},
+        "sagemaker_endpoint_name": async_endpoint, "payload_string": json.dumps(payload()),
+    })
+    assert response.status_code == 202, response.text
+    inference_id = response.json()["data"]["inference"]["inference_id"]
+    job = wait_for(lambda: (j := api("GET", f"/inferences/{inference_id}").json()["data"])["status"] == "succeed" and j, timeout=120)
+    assert len(job["img_presigned_urls"]) == 1
+
+
+def test_a_client_bound_to_the_events_sees_started_progress_and_succeeded(api, stack, async_endpoint, tiny_models):
+    created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "sagemaker_endpoint_name": async_endpoint})
+    inference = created.json()["data"]["inference"]
+    httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(payload(steps=6)).encode())
+    exchange = f"{stack.env['ESD_BROKER_PREFIX']}esd.events"
+    with EventListener(stack.amqp_url, exchange, "inference.#") as events:
+        api("PUT", f"/inferences/{inference['id']}/start")
+        seen = events.until(lambda key, body: key == "inference.succeeded" and body["inference_id"] == inference["id"])
+    keys = [key for key, body in seen if body.get("inference_id") == inference["id"]]
+    assert keys[0] == "inference.started"
+    assert "inference.progress" in keys
+    assert keys[-1] == "inference.succeeded"
