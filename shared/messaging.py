@@ -104,6 +104,35 @@ async def declare_work_queue(broker: RabbitBroker, names: Names, name: str) -> N
     await broker.declare_queue(names.work_queue(name))
 
 
+class QueueDepths:
+    """Reads how many messages wait in queues (what scales worker pools). Every read is a fresh
+    passive declare: the broker's cached declarations keep the count of their first answer."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.amqp_url = amqp_url
+        self.connection: Any = None
+        self.channel: Any = None
+
+    async def depth(self, queue: str) -> int:
+        import aio_pika
+        from aiormq.exceptions import ChannelClosed
+
+        if self.connection is None:
+            self.connection = await aio_pika.connect_robust(self.amqp_url)
+        if self.channel is None or self.channel.is_closed:
+            self.channel = await self.connection.channel()
+        try:
+            declared = await self.channel.declare_queue(queue, passive=True, robust=False)
+        except ChannelClosed:  # no such queue (yet): nothing waits in it
+            self.channel = None
+            return 0
+        return declared.declaration_result.message_count or 0
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+
 class RpcReply(BaseModel):
     result: Any = None
     error: ErrorInfo | None = None

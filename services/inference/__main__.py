@@ -12,7 +12,7 @@ from services.inference.pools import LocalPool
 from services.inference.store import InferenceStore
 from shared.contracts.inference import HEARTBEATS, SERVICE
 from shared.db import mongo_client
-from shared.messaging import EventPublisher, Names, RpcClient, declare_work_queue
+from shared.messaging import EventPublisher, Names, QueueDepths, RpcClient, declare_work_queue
 from shared.service import main
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -25,8 +25,10 @@ async def setup(broker: RabbitBroker, names: Names, settings: Settings, stack: A
     storage = await ObjectStore.open(settings, stack)
     pools = LocalPool(settings.var_dir.resolve() / "log")
     stack.push_async_callback(pools.close)  # workers go when the service goes
+    depths = QueueDepths(settings.amqp_url)
+    stack.push_async_callback(depths.close)
     inference = Inference(
-        store, storage, pools, EventPublisher(broker, names), broker, names,
+        store, storage, pools, EventPublisher(broker, names), broker, names, depths,
         start_timeout=settings.endpoint_start_timeout,
         scale_down_after=settings.pool_scale_down_after,
     )

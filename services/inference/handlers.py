@@ -54,7 +54,7 @@ from shared.contracts.inference import (
     queue_of,
 )
 from shared.errors import Invalid, NotFound
-from shared.messaging import EventPublisher, Names, RpcClient, declare_work_queue, register_rpc, send_work
+from shared.messaging import EventPublisher, Names, QueueDepths, RpcClient, declare_work_queue, register_rpc, send_work
 from shared.permissions import allows
 from shared.storage import ObjectStore
 
@@ -75,6 +75,7 @@ class Inference:
         events: EventPublisher,
         broker: RabbitBroker,
         names: Names,
+        depths: QueueDepths,
         *,
         start_timeout: float,
         scale_down_after: float,
@@ -85,6 +86,7 @@ class Inference:
         self.events = events
         self.broker = broker
         self.names = names
+        self.depths = depths
         self.start_timeout = start_timeout
         self.scale_down_after = scale_down_after
         self.last_busy: dict[str, float] = {}
@@ -162,12 +164,12 @@ class Inference:
                 continue
             live = await self.store.live_workers(name, LIVE_WITHIN)
             busy = sum(1 for worker in live if worker["state"] == "busy")
-            queue = await self.broker.declare_queue(self.names.work_queue(queue_of(name)))
-            queued = queue.declaration_result.message_count or 0
+            queued = await self.depths.depth(self.names.work_queue(queue_of(name)).name)
             if queued or busy:
                 self.last_busy[name] = now
-            idle = now - self.last_busy.setdefault(name, endpoint["created"])
-            state = PoolState(queued=queued, busy=busy, current=self.pools.count(name), idle_seconds=idle)
+            # idle counts from when the pool went into service: never while it is starting
+            since = max(self.last_busy.get(name, 0.0), endpoint.get("ready_at") or now)
+            state = PoolState(queued=queued, busy=busy, current=self.pools.count(name), idle_seconds=now - since)
             limits = PoolLimits(minimum=endpoint["min"], maximum=endpoint["max"], autoscaling=endpoint["autoscaling"], scale_down_after=self.scale_down_after)
             wanted = desired_workers(state, limits, endpoint["initial"])
             if wanted != state.current:

@@ -23,6 +23,8 @@ def make_stack(var_dir) -> LocalStack:
             "ESD_BROKER_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}.",
             # the tests serve model files from a local HTTP server
             "ESD_CHECKPOINT_ALLOW_PRIVATE_URLS": "true",
+            # idle autoscaled pools give their workers back quickly, so tests see scale to zero
+            "ESD_POOL_SCALE_DOWN_AFTER": "3",
         },
         quiet=True,
     )

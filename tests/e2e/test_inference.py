@@ -189,3 +189,136 @@ def test_a_client_bound_to_the_events_sees_started_progress_and_succeeded(api, s
     assert keys[0] == "inference.started"
     assert "inference.progress" in keys
     assert keys[-1] == "inference.succeeded"
+
+
+def create_endpoint(api, **body) -> str:
+    defaults = {"endpoint_name": unique("ep")[:20], "endpoint_type": "Async", "instance_type": "cpu",
+                "initial_instance_count": 1, "autoscaling_enabled": False, "assign_to_roles": ["IT Operator"]}
+    response = api("POST", "/endpoints", json={**defaults, **body})
+    assert response.status_code == 202, response.text
+    return response.json()["data"]["endpoint_name"]
+
+
+def test_real_time_txt2img_answers_200_with_the_images(api, tiny_models):
+    name = create_endpoint(api, endpoint_type="Real-time")
+    assert name.startswith("esd-real-time-")
+    try:
+        wait_endpoint(api, name)
+        created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Real-time", "models": {"Stable-diffusion": [tiny_models["model"]]}})
+        inference = created.json()["data"]["inference"]
+        httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(payload()).encode())
+        response = api("PUT", f"/inferences/{inference['id']}/start")
+        assert response.status_code == 200, response.text
+        job = response.json()["data"]
+        assert job["status"] == "succeed"
+        assert job["inference_type"] == "Real-time"
+        assert images_of(job)[0].size == (64, 64)
+        # the one API, Real-time: 200 with the finished job in one call
+        response = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Real-time", "models": {"Stable-diffusion": [tiny_models["model"]]}, "payload_string": json.dumps(payload(seed=3))})
+        assert response.status_code == 200, response.text
+        assert response.json()["data"]["status"] == "succeed"
+    finally:
+        api("DELETE", "/endpoints", json={"endpoint_name_list": [name]})
+
+
+def worker_pids(endpoint: str) -> list[int]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-f", f"services.inference.worker --endpoint {endpoint} "], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_a_worker_killed_mid_job_loses_nothing(api, tiny_models):
+    import os
+    import signal
+
+    name = create_endpoint(api)
+    try:
+        wait_endpoint(api, name)
+        created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "sagemaker_endpoint_name": name})
+        inference = created.json()["data"]["inference"]
+        httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(payload(steps=150, width=256, height=256, seed=9)).encode())
+        api("PUT", f"/inferences/{inference['id']}/start")
+        wait_for(lambda: api("GET", f"/inferences/{inference['id']}").json()["data"].get("progress"), timeout=120, what="the job to be running")
+        (victim,) = worker_pids(name)
+        os.kill(victim, signal.SIGKILL)
+        job = wait_for(lambda: (j := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed") and j, timeout=300, what="the redelivered job")
+        assert job["status"] == "succeed", job.get("error")
+        assert job["image_names"] == ["image_0.png"]
+        assert victim not in worker_pids(name)  # the pool replaced the dead worker
+    finally:
+        api("DELETE", "/endpoints", json={"endpoint_name_list": [name]})
+
+
+def test_an_async_pool_at_zero_starts_a_worker_when_work_arrives(api, tiny_models):
+    name = create_endpoint(api, autoscaling_enabled=True, min_instance_number=0, max_instance_number=1)
+    try:
+        wait_endpoint(api, name)
+        listed = lambda: next(e for e in api("GET", "/endpoints").json()["data"]["endpoints"] if e["endpoint_name"] == name)
+        wait_for(lambda: listed()["current_instance_count"] == "0" and not worker_pids(name), timeout=60, what="the pool to scale to zero")
+        job = run_async(api, name, {"Stable-diffusion": [tiny_models["model"]]}, payload())
+        assert job["status"] == "succeed", job.get("error")
+    finally:
+        api("DELETE", "/endpoints", json={"endpoint_name_list": [name]})
+
+
+def test_endpoint_listing_shows_the_live_instance_count(api, async_endpoint):
+    (endpoint,) = [e for e in api("GET", "/endpoints").json()["data"]["endpoints"] if e["endpoint_name"] == async_endpoint]
+    assert endpoint["current_instance_count"] == "1"
+    assert endpoint["endpoint_type"] == "Async"
+    assert endpoint["owner_group_or_role"] == ["IT Operator"]
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ({"endpoint_type": "Async"}, 'object has missing required properties (["assign_to_roles","initial_instance_count","instance_type"])'),
+        ({"endpoint_type": "Batch", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": ["a"]}, "endpoint_type: Input should be"),
+        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 0, "assign_to_roles": ["a"]}, "initial_instance_count"),
+        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": "two", "assign_to_roles": ["a"]}, "initial_instance_count"),
+        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": []}, "required minimum: 1"),
+        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": ["a"], "endpoint_name": "x" * 21}, "endpoint_name"),
+        ({"endpoint_type": "Real-time", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": ["a"], "autoscaling_enabled": True, "min_instance_number": 0}, "needs min_instance_number >= 1"),
+    ],
+)
+def test_bad_endpoint_bodies_get_400(api, body, expected):
+    response = api("POST", "/endpoints", json=body)
+    assert response.status_code == 400, response.text
+    assert expected in response.json()["message"]
+
+
+def test_the_same_endpoint_name_twice_is_refused(api, async_endpoint):
+    short = async_endpoint.removeprefix("esd-async-")
+    response = api("POST", "/endpoints", json={"endpoint_name": short, "endpoint_type": "Async", "instance_type": "cpu", "initial_instance_count": 1, "assign_to_roles": ["IT Operator"]})
+    assert (response.status_code, response.json()["message"]) == (400, "Cannot create already existing model")
+
+
+def test_inference_rules(api, async_endpoint, tiny_models):
+    response = api("POST", "/inferences", json={"task_type": "paint", "inference_type": "Async", "models": {}})
+    assert response.json()["message"] == "task type paint should be in ['extra-single-image', 'extra-batch-images', 'rembg'] or ['txt2img', 'img2img']"
+    response = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": ["nope.safetensors"], "Lora": ["gone.safetensors"]}})
+    assert response.json()["message"] == "checkpoint with name nope.safetensors, type Stable-diffusion is not found checkpoint with name gone.safetensors, type Lora is not found"
+    response = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "payload_string": "{not json"})
+    assert response.json()["message"] == "payload_string must be valid json string"
+    stranger = unique("stranger")
+    api("POST", "/roles", json={"role_name": stranger, "permissions": ["inference:all"]})
+    api("POST", "/users", json={"username": stranger, "password": "pw", "roles": [stranger]})
+    response = api("POST", "/inferences", user=stranger, json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}})
+    assert response.json()["message"] == f'no available Async endpoints for user "{stranger}"'
+    assert api("PUT", "/inferences/no-such-job/start").json() == {"statusCode": 400, "message": "InferenceJobId no-such-job not found"}
+    assert api("GET", "/inferences/no-such-job").json() == {"statusCode": 404, "message": "inference with id no-such-job not found"}
+    created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}}).json()["data"]["inference"]
+    response = api("PUT", f"/inferences/{created['id']}/start")
+    assert response.status_code == 400
+    assert "api_param.json has not been uploaded" in response.json()["message"]
+
+
+def test_listing_and_deleting_inferences(api, async_endpoint, tiny_models):
+    job = run_async(api, async_endpoint, {"Stable-diffusion": [tiny_models["model"]]}, payload())
+    page = api("GET", "/inferences", params={"limit": 2}).json()["data"]
+    assert len(page["inferences"]) <= 2
+    if page["last_evaluated_key"]:
+        more = api("GET", "/inferences", params={"limit": 2, "exclusive_start_key": page["last_evaluated_key"]}).json()["data"]
+        assert {j["InferenceJobId"] for j in more["inferences"]}.isdisjoint({j["InferenceJobId"] for j in page["inferences"]})
+    assert api("DELETE", "/inferences", json={"inference_id_list": [job["InferenceJobId"], "unknown"]}).status_code == 204
+    assert api("GET", f"/inferences/{job['InferenceJobId']}").status_code == 404

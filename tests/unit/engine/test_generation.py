@@ -15,6 +15,12 @@ from services.inference.worker.engine import (
     ModelFiles,
 )
 
+# diffusers' schedulers trip numpy 2 deprecations on every job; they are theirs, not ours
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
+]
+
 SMALL = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64}
 
 
@@ -40,14 +46,18 @@ def _difference(first: bytes, second: bytes) -> int:
 
 
 def test_txt2img_returns_every_image_with_its_parameters(engine, checkpoint):
-    result = _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=100, batch_size=2, n_iter=2, width=64, height=96)
+    result = _txt2img(
+        engine, ModelFiles(checkpoint=checkpoint), seed=100, batch_size=2, n_iter=2, width=64, height=96
+    )
     assert len(result.images) == 4
     assert result.info["all_seeds"] == [100, 101, 102, 103]
     for data, seed in zip(result.images, result.info["all_seeds"], strict=True):
         image = _png(data)
         assert image.format == "PNG" and image.size == (64, 96)
         text = image.text["parameters"]
-        assert text.startswith("a photo of a cat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7,")
+        assert text.startswith(
+            "a photo of a cat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7,"
+        )
         assert f"Seed: {seed}, Size: 64x96, Model: tiny-a" in text
     assert result.info["infotexts"][0] == _png(result.images[0]).text["parameters"]
     assert result.parameters["steps"] == 4 and result.parameters["sampler_name"] == "Euler a"
@@ -98,10 +108,12 @@ def test_a_random_seed_is_reported_and_reproduces_the_image(engine, checkpoint):
     ],
 )
 def test_each_sampler_runs(engine, checkpoint, sampler_name, scheduler):
-    result = _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=1, sampler_name=sampler_name, scheduler=scheduler)
+    result = _txt2img(
+        engine, ModelFiles(checkpoint=checkpoint), seed=1, sampler_name=sampler_name, scheduler=scheduler
+    )
     image = _png(result.images[0])
     assert image.size == (64, 64)
-    assert len(set(image.getdata())) > 1  # not a blank (NaN) image
+    assert any(low != high for low, high in image.getextrema())  # not a blank (NaN) image
     assert f"Sampler: {result.info['sampler_name']}" in image.text["parameters"]
 
 
@@ -119,7 +131,9 @@ def test_img2img_starts_from_the_init_image(engine, checkpoint):
         },
     )
     weak = engine.generate(request, ModelFiles(checkpoint=checkpoint))
-    strong = engine.generate(request.model_copy(update={"denoising_strength": 1.0}), ModelFiles(checkpoint=checkpoint))
+    strong = engine.generate(
+        request.model_copy(update={"denoising_strength": 1.0}), ModelFiles(checkpoint=checkpoint)
+    )
     image = _png(weak.images[0])
     assert image.size == (64, 64)
     assert "Denoising strength: 0.5" in image.text["parameters"]
@@ -143,13 +157,13 @@ def test_an_unknown_lora_is_refused(engine, checkpoint):
         _txt2img(engine, ModelFiles(checkpoint=checkpoint), prompt="a cat <lora:missing:1>")
 
 
-def test_a_broken_lora_fails_the_job_and_leaves_the_engine_clean(engine, checkpoint, tmp_path):
+def test_a_broken_lora_fails_the_job_and_leaves_the_engine_clean(engine, checkpoint, lora, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
-    models = ModelFiles(checkpoint=checkpoint, loras={"broken": broken})
+    models = ModelFiles(checkpoint=checkpoint, loras={"style": lora, "broken": broken})
     before = _txt2img(engine, models, seed=5)
-    with pytest.raises(Exception):
-        _txt2img(engine, models, seed=5, prompt="a photo of a cat <lora:broken>")
+    with pytest.raises(ValueError, match="LoRA 'broken' could not be applied"):
+        _txt2img(engine, models, seed=5, prompt="a photo of a cat <lora:style:1> <lora:broken>")
     assert _txt2img(engine, models, seed=5).images == before.images
 
 
@@ -168,7 +182,9 @@ def test_a_vae_override_is_loaded_once_and_used(checkpoint, vae):
 
 def test_a_vae_named_in_the_settings_must_come_with_the_job(engine, checkpoint):
     with pytest.raises(ValueError, match="override_settings.sd_vae"):
-        _txt2img(engine, ModelFiles(checkpoint=checkpoint), override_settings={"sd_vae": "pastel.safetensors"})
+        _txt2img(
+            engine, ModelFiles(checkpoint=checkpoint), override_settings={"sd_vae": "pastel.safetensors"}
+        )
 
 
 def test_an_embedding_named_in_the_prompt_is_used_for_that_job(engine, checkpoint, embedding):
@@ -178,7 +194,10 @@ def test_an_embedding_named_in_the_prompt_is_used_for_that_job(engine, checkpoin
     without_word = _txt2img(engine, models, seed=4, prompt="a cat")
     assert with_embedding.images[0] != plain.images[0]
     assert with_embedding.info["embeddings"] == ["mystyle"] and without_word.info["embeddings"] == []
-    assert _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=4, prompt="a cat mystyle").images == plain.images
+    assert (
+        _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=4, prompt="a cat mystyle").images
+        == plain.images
+    )
 
 
 def test_a_cached_model_is_never_loaded_again(checkpoint, other_checkpoint):
@@ -200,7 +219,9 @@ def test_the_least_recently_used_model_makes_room(checkpoint, other_checkpoint):
 def test_progress_is_reported_for_every_step_of_every_batch(engine, checkpoint):
     seen: list[tuple[int, int]] = []
     request = GenerationRequest.from_payload("txt2img", {**SMALL, "steps": 3, "n_iter": 2})
-    engine.generate(request, ModelFiles(checkpoint=checkpoint), progress=lambda step, total: seen.append((step, total)))
+    engine.generate(
+        request, ModelFiles(checkpoint=checkpoint), progress=lambda step, total: seen.append((step, total))
+    )
     assert seen == [(step, 6) for step in range(1, 7)]
 
 

@@ -44,7 +44,11 @@ def test_tiny_checkpoint_round_trips_through_the_single_file_loader(checkpoint, 
     loaded = load_checkpoint(checkpoint, device=CPU, dtype=torch.float32)
     unet, vae, text_encoder = tiny.tiny_models(seed=0)
     pipeline = loaded.pipeline
-    for original, reloaded in ((unet, pipeline.unet), (vae, pipeline.vae), (text_encoder, pipeline.text_encoder)):
+    for original, reloaded in (
+        (unet, pipeline.unet),
+        (vae, pipeline.vae),
+        (text_encoder, pipeline.text_encoder),
+    ):
         expected, actual = original.state_dict(), reloaded.state_dict()
         assert expected.keys() == actual.keys()
         assert all(torch.equal(expected[key], actual[key]) for key in expected)
@@ -57,6 +61,8 @@ def test_pickled_checkpoints_are_read_without_running_code(tmp_path):
     weights = {"model.diffusion_model.out.2.bias": torch.ones(4)}
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": weights, "global_step": 10}, path)
+    assert read_state_dict(path).keys() == weights.keys()
+    torch.save({"state_dict": weights}, path, _use_new_zipfile_serialization=False)  # before torch 1.6
     assert read_state_dict(path).keys() == weights.keys()
 
     class Payload:
@@ -101,6 +107,8 @@ def test_a_full_size_sd15_checkpoint_loads_and_runs_offline(tmp_path, no_network
     from services.inference.worker.engine import Engine, GenerationRequest, ModelFiles
 
     path = tiny.make_sd15_checkpoint(tmp_path / "sd15.safetensors", seed=0)
-    request = GenerationRequest.from_payload("txt2img", {"prompt": "a cat", "steps": 1, "width": 64, "height": 64})
+    request = GenerationRequest.from_payload(
+        "txt2img", {"prompt": "a cat", "steps": 1, "width": 64, "height": 64}
+    )
     result = Engine().generate(request, ModelFiles(checkpoint=path))
     assert len(result.images) == 1

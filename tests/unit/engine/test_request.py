@@ -22,7 +22,13 @@ def _png_base64() -> str:
 def test_defaults_are_a1111s():
     request = GenerationRequest.from_payload("txt2img", {"prompt": "a cat"})
     assert (request.steps, request.sampler_name, request.cfg_scale) == (20, "Euler a", 7.0)
-    assert (request.width, request.height, request.seed, request.batch_size, request.n_iter) == (512, 512, -1, 1, 1)
+    assert (request.width, request.height, request.seed, request.batch_size, request.n_iter) == (
+        512,
+        512,
+        -1,
+        1,
+        1,
+    )
 
 
 def test_unknown_keys_nulls_and_infinity_are_accepted():
@@ -66,8 +72,12 @@ def test_img2img_needs_an_image_and_at_least_one_step():
     with pytest.raises(ValueError, match="init_images"):
         GenerationRequest.from_payload("img2img", {"prompt": "a cat"})
     with pytest.raises(ValueError, match="denoising_strength"):
-        GenerationRequest.from_payload("img2img", {"init_images": [_png_base64()], "steps": 4, "denoising_strength": 0.1})
-    request = GenerationRequest.from_payload("img2img", {"init_images": ["data:image/png;base64," + _png_base64()]})
+        GenerationRequest.from_payload(
+            "img2img", {"init_images": [_png_base64()], "steps": 4, "denoising_strength": 0.1}
+        )
+    request = GenerationRequest.from_payload(
+        "img2img", {"init_images": ["data:image/png;base64," + _png_base64()]}
+    )
     assert request.init_image().size == (8, 8)
 
 

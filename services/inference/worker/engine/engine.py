@@ -28,7 +28,6 @@ from PIL import Image
 from services.inference.worker.engine.infotext import VERSION, infotext, png_with_parameters
 from services.inference.worker.engine.loading import (
     LoadedCheckpoint,
-    UnsupportedCheckpoint,
     load_checkpoint,
     load_vae,
     read_state_dict,
@@ -139,12 +138,18 @@ class Engine:
         sampler = request.sampler
         seed = request.seed if request.seed != -1 else random.randrange(MAX_SEED)
         seeds = [seed + index for index in range(request.images_count)]
-        init_image = _resized(request.init_image(), request.width, request.height) if request.task == "img2img" else None
+        init_image = (
+            _resized(request.init_image(), request.width, request.height)
+            if request.task == "img2img"
+            else None
+        )
 
         loaded = self._checkpoint(models.checkpoint)
         base = loaded.pipeline
         vae = self._vae(vae_file, loaded) if vae_file else base.vae
-        pipeline_class = StableDiffusionImg2ImgPipeline if request.task == "img2img" else StableDiffusionPipeline
+        pipeline_class = (
+            StableDiffusionImg2ImgPipeline if request.task == "img2img" else StableDiffusionPipeline
+        )
         pipe = pipeline_class(
             **{
                 **base.components,
@@ -155,11 +160,12 @@ class Engine:
         )
         pipe.set_progress_bar_config(disable=True)
 
+        # Filled as they are applied, so that a failure half-way still removes what was added.
         adapters: list[str] = []
         tokens: list[str] = []
         try:
-            adapters = self._apply_loras(pipe, loras)
-            tokens = self._apply_embeddings(pipe, embeddings)
+            self._apply_loras(pipe, loras, adapters)
+            self._apply_embeddings(pipe, embeddings, tokens)
             images = self._run(pipe, request, prompt, seeds, init_image, progress, cancelled)
         finally:
             if adapters:
@@ -169,69 +175,22 @@ class Engine:
 
         model_name = Path(models.checkpoint).stem
         vae_name = Path(vae_file).name if vae_file else None
-        extra: dict[str, Any] = {}
-        if sampler.schedule != "Uniform":
-            extra["Schedule type"] = sampler.schedule
-        texts = []
-        for image_seed in seeds:
-            fields: dict[str, Any] = {
-                "Steps": request.steps,
-                "Sampler": sampler.sampler,
-                **extra,
-                "CFG scale": request.cfg_scale,
-                "Seed": image_seed,
-                "Size": f"{request.width}x{request.height}",
-                "Model": model_name,
-                "VAE": vae_name,
-                "Denoising strength": request.denoising_strength if request.task == "img2img" else None,
-                "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
-                "Lora weights": ", ".join(f"{name}: {weight:g}" for name, weight in lora_weights.items()) or None,
-                "Version": VERSION,
-            }
-            texts.append(infotext(request.prompt, request.negative_prompt, fields))
+        texts = [
+            infotext(
+                request.prompt,
+                request.negative_prompt,
+                _image_parameters(request, image_seed, model_name, vae_name, lora_weights),
+            )
+            for image_seed in seeds
+        ]
         pngs = [png_with_parameters(image, text) for image, text in zip(images, texts, strict=True)]
         del images
-
-        count = request.images_count
-        info = {
-            "prompt": request.prompt,
-            "all_prompts": [request.prompt] * count,
-            "negative_prompt": request.negative_prompt,
-            "all_negative_prompts": [request.negative_prompt] * count,
-            "seed": seed,
-            "all_seeds": seeds,
-            "subseed": request.subseed,
-            "all_subseeds": [request.subseed] * count,
-            "subseed_strength": 0,
-            "width": request.width,
-            "height": request.height,
-            "sampler_name": sampler.sampler,
-            "scheduler": sampler.schedule,
-            "cfg_scale": request.cfg_scale,
-            "steps": request.steps,
-            "batch_size": request.batch_size,
-            "n_iter": request.n_iter,
-            "restore_faces": False,
-            "face_restoration_model": None,
-            "sd_model_name": model_name,
-            "sd_model_hash": None,
-            "sd_vae_name": vae_name,
-            "sd_vae_hash": None,
-            "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1,
-            "denoising_strength": request.denoising_strength,
-            "extra_generation_params": extra,
-            "index_of_first_image": 0,
-            "infotexts": texts,
-            "styles": [],
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "clip_skip": request.clip_skip,
-            "is_using_inpainting_conditioning": False,
-            "version": VERSION,
-            "lora_weights": lora_weights,
-            "embeddings": sorted(embeddings),
-            "elapsed_seconds": round(time.perf_counter() - started, 3),
-        }
+        info = _a1111_info(request, seeds, texts, model_name, vae_name)
+        info.update(
+            lora_weights=lora_weights,
+            embeddings=sorted(embeddings),
+            elapsed_seconds=round(time.perf_counter() - started, 3),
+        )
         parameters = request.model_dump(mode="json", exclude={"task", "init_images"})
         return GenerationResult(images=pngs, parameters=parameters, info=info)
 
@@ -267,7 +226,9 @@ class Engine:
             else:
                 arguments.update(width=request.width, height=request.height)
             if progress is not None or cancelled is not None:
-                arguments["callback_on_step_end"] = _step_callback(iteration, request.n_iter, progress, cancelled)
+                arguments["callback_on_step_end"] = _step_callback(
+                    iteration, request.n_iter, progress, cancelled
+                )
             with torch.inference_mode():
                 output = pipe(**arguments)
             if pipe.interrupt:
@@ -300,28 +261,31 @@ class Engine:
         while len(self._vaes) >= self.max_pipelines:
             self._vaes.popitem(last=False)
             self._release_memory()
-        vae = load_vae(cache_key[0].path, architecture=loaded.architecture, device=self.device, dtype=self.dtype)
+        vae = load_vae(
+            cache_key[0].path, architecture=loaded.architecture, device=self.device, dtype=self.dtype
+        )
         self.vae_loads += 1
         self._vaes[cache_key] = vae
         return vae
 
-    def _apply_loras(self, pipe: StableDiffusionPipeline, loras: dict[str, tuple[Path, float]]) -> list[str]:
-        adapters: list[str] = []
+    def _apply_loras(
+        self, pipe: StableDiffusionPipeline, loras: dict[str, tuple[Path, float]], adapters: list[str]
+    ) -> None:
         weights: list[float] = []
         for index, (name, (path, weight)) in enumerate(loras.items()):
             adapter = f"job_lora_{index}"
             adapters.append(adapter)  # before loading: a half-loaded adapter is unloaded too
             try:
                 pipe.load_lora_weights(read_state_dict(path), adapter_name=adapter)
-            except (UnsupportedCheckpoint, ValueError, KeyError) as error:
+            except (ValueError, KeyError, FileNotFoundError) as error:
                 raise ValueError(f"LoRA {name!r} could not be applied to this model: {error}") from error
             weights.append(weight)
         if adapters:
             pipe.set_adapters(adapters, adapter_weights=weights)
-        return adapters
 
-    def _apply_embeddings(self, pipe: StableDiffusionPipeline, embeddings: dict[str, Path]) -> list[str]:
-        tokens: list[str] = []
+    def _apply_embeddings(
+        self, pipe: StableDiffusionPipeline, embeddings: dict[str, Path], tokens: list[str]
+    ) -> None:
         width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
         for name, path in embeddings.items():
             vectors = _embedding_vectors(read_state_dict(path), name)
@@ -333,12 +297,82 @@ class Engine:
                 raise ValueError(f"embedding {name!r} has the name of a word the tokenizer already knows")
             tokens.append(name)
             pipe.load_textual_inversion({name: vectors}, token=name)
-        return tokens
 
     def _release_memory(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _image_parameters(
+    request: GenerationRequest,
+    seed: int,
+    model_name: str,
+    vae_name: str | None,
+    lora_weights: dict[str, float],
+) -> dict[str, Any]:
+    """One image's infotext fields, in A1111's order; None leaves a field out."""
+    sampler = request.sampler
+    return {
+        "Steps": request.steps,
+        "Sampler": sampler.sampler,
+        "Schedule type": sampler.schedule if sampler.schedule != "Uniform" else None,
+        "CFG scale": request.cfg_scale,
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model": model_name,
+        "VAE": vae_name,
+        "Denoising strength": request.denoising_strength if request.task == "img2img" else None,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        "Lora weights": ", ".join(f"{name}: {weight:g}" for name, weight in lora_weights.items()) or None,
+        "Version": VERSION,
+    }
+
+
+def _a1111_info(
+    request: GenerationRequest, seeds: list[int], texts: list[str], model_name: str, vae_name: str | None
+) -> dict[str, Any]:
+    """The `info` object of A1111's txt2img/img2img response."""
+    count = len(seeds)
+    sampler = request.sampler
+    return {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": request.subseed,
+        "all_subseeds": [request.subseed] * count,
+        "subseed_strength": 0,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": sampler.sampler,
+        "scheduler": sampler.schedule,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "n_iter": request.n_iter,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model_name,
+        "sd_model_hash": None,
+        "sd_vae_name": vae_name,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": request.denoising_strength,
+        "extra_generation_params": {"Schedule type": sampler.schedule}
+        if sampler.schedule != "Uniform"
+        else {},
+        "index_of_first_image": 0,
+        "infotexts": texts,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": VERSION,
+    }
 
 
 def _step_callback(iteration: int, iterations: int, progress: Progress | None, cancelled: Cancelled | None):

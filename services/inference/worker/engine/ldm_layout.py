@@ -70,7 +70,11 @@ def _unet_key(key: str, per_level: int, up_levels_with_attention: set[int]) -> s
     if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
         level, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
         block = 1 + level * per_level + layer
-        return f"input_blocks.{block}.0.{_resnet_part(rest)}" if kind == "resnets" else f"input_blocks.{block}.1.{rest}"
+        return (
+            f"input_blocks.{block}.0.{_resnet_part(rest)}"
+            if kind == "resnets"
+            else f"input_blocks.{block}.1.{rest}"
+        )
     if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
         block = 1 + int(match[1]) * per_level + per_level - 1
         return f"input_blocks.{block}.0.op.{match[2]}"
@@ -81,7 +85,11 @@ def _unet_key(key: str, per_level: int, up_levels_with_attention: set[int]) -> s
     if match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
         level, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
         block = level * per_level + layer
-        return f"output_blocks.{block}.0.{_resnet_part(rest)}" if kind == "resnets" else f"output_blocks.{block}.1.{rest}"
+        return (
+            f"output_blocks.{block}.0.{_resnet_part(rest)}"
+            if kind == "resnets"
+            else f"output_blocks.{block}.1.{rest}"
+        )
     if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         level = int(match[1])
         block = level * per_level + per_level - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,14 +19,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import PNDMScheduler
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from services.inference.worker.engine import ldm_layout, tokenizer
 from services.inference.worker.engine.configs import SD15_CONFIGS, read_config
-from services.inference.worker.engine.tiny import tiny_metadata
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# Where `tiny.make_tiny_checkpoint` stores the tiny architecture in the safetensors header.
+TINY_METADATA_KEY = "esd.tiny_sd"
 _CLIP_TOKENS = ldm_layout.TEXT_ENCODER_PREFIX + "text_model.embeddings.token_embedding.weight"
 
 
@@ -76,10 +78,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     `weights_only` (no code in a user's file is ever run)."""
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
+    if path.suffix.lower() == ".safetensors":
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise UnsupportedCheckpoint(
+                f"{path.name} could not be read as a safetensors file: {error}"
+            ) from error
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # mmap spares a copy but needs the zip format of torch >= 1.6; older files are read whole
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # a corrupt file or a pickle with objects beyond tensors
         raise UnsupportedCheckpoint(f"{path.name} could not be read as a checkpoint: {error}") from error
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -98,18 +106,37 @@ def recognise(path: Path, state: Mapping[str, torch.Tensor]) -> Architecture:
             tokenizer_json=json.dumps(metadata["tokenizer"]),
         )
     if any(key.startswith("conditioner.embedders.") for key in state):
-        raise UnsupportedCheckpoint(f"{path.name} is an SDXL checkpoint; only Stable Diffusion 1.x is supported so far")
+        raise UnsupportedCheckpoint(
+            f"{path.name} is an SDXL checkpoint; only Stable Diffusion 1.x is supported so far"
+        )
     if any(key.startswith("cond_stage_model.model.") for key in state):
-        raise UnsupportedCheckpoint(f"{path.name} is a Stable Diffusion 2.x checkpoint; only 1.x is supported so far")
+        raise UnsupportedCheckpoint(
+            f"{path.name} is a Stable Diffusion 2.x checkpoint; only 1.x is supported so far"
+        )
     tokens = state.get(_CLIP_TOKENS)
     unet_in = state.get(ldm_layout.UNET_PREFIX + "input_blocks.0.0.weight")
     if tokens is None or unet_in is None:
-        raise UnsupportedCheckpoint(f"{path.name} is not a Stable Diffusion checkpoint (no UNet or CLIP weights)")
+        raise UnsupportedCheckpoint(
+            f"{path.name} is not a Stable Diffusion checkpoint (no UNet or CLIP weights)"
+        )
     if tuple(tokens.shape) != (49408, 768):
-        raise UnsupportedCheckpoint(f"{path.name} has a text encoder of shape {tuple(tokens.shape)}, not SD 1.x's")
+        raise UnsupportedCheckpoint(
+            f"{path.name} has a text encoder of shape {tuple(tokens.shape)}, not SD 1.x's"
+        )
     if unet_in.shape[1] != 4:
-        raise UnsupportedCheckpoint(f"{path.name} is an inpainting or other {unet_in.shape[1]}-channel model; not supported")
+        raise UnsupportedCheckpoint(
+            f"{path.name} is an inpainting or other {unet_in.shape[1]}-channel model; not supported"
+        )
     return sd15_architecture()
+
+
+def tiny_metadata(checkpoint: str | Path) -> dict | None:
+    """The tiny architecture stored in a checkpoint by `make_tiny_checkpoint`, or None."""
+    if Path(checkpoint).suffix.lower() != ".safetensors":
+        return None
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(TINY_METADATA_KEY)
+    return json.loads(text) if text else None
 
 
 @dataclass
@@ -166,12 +193,16 @@ def load_text_encoder(state: Mapping[str, torch.Tensor], config: dict, dtype: to
             weights[name] = tensor
     missing = sorted(set(wanted) - weights.keys())
     if missing:
-        raise UnsupportedCheckpoint(f"the checkpoint's text encoder lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise UnsupportedCheckpoint(
+            f"the checkpoint's text encoder lacks {len(missing)} weights, e.g. {missing[:3]}"
+        )
     model.load_state_dict(weights, strict=True)
     return model.to(dtype).eval()
 
 
-def load_vae(path: Path, *, architecture: Architecture, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+def load_vae(
+    path: Path, *, architecture: Architecture, device: torch.device, dtype: torch.dtype
+) -> AutoencoderKL:
     """A standalone VAE file (`encoder.*`/`decoder.*`, or inside a whole checkpoint) for a model
     of `architecture`."""
     state = read_state_dict(path)

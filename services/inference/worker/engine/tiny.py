@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from services.inference.worker.engine import ldm_layout
 from services.inference.worker.engine.configs import SD15_CONFIGS, read_config
+from services.inference.worker.engine.loading import TINY_METADATA_KEY, tiny_metadata
 
-TINY_METADATA_KEY = "esd.tiny_sd"
 CONTEXT_LENGTH = 77
 
 # Words that become single tokens in the tiny vocabulary, so that prompts in tests look real.
@@ -47,7 +46,7 @@ def tiny_tokenizer_merges() -> list[tuple[str, str]]:
     while True:
         counts: dict[tuple[str, str], int] = {}
         for symbols in words:
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):
                 counts[pair] = counts.get(pair, 0) + 1
         if not counts:
             return merges
@@ -153,14 +152,11 @@ def make_tiny_checkpoint(out_path: str | Path, seed: int = 0) -> Path:
     return _save(checkpoint, out_path, {TINY_METADATA_KEY: json.dumps(metadata)})
 
 
-def make_sd15_checkpoint(
-    out_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16
-) -> Path:
+def make_sd15_checkpoint(out_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """Write a full-size Stable Diffusion 1.5 checkpoint (about 2 GB in fp16) with random
     weights, for load and speed measurements; it needs no metadata, like a user's file."""
     configs = {
-        name: read_config(SD15_CONFIGS / name / "config.json")
-        for name in ("unet", "vae", "text_encoder")
+        name: read_config(SD15_CONFIGS / name / "config.json") for name in ("unet", "vae", "text_encoder")
     }
     unet, vae, text_encoder = _random_models(configs, seed)
     checkpoint = ldm_layout.sd_checkpoint(
@@ -172,24 +168,12 @@ def make_sd15_checkpoint(
         context_length=CONTEXT_LENGTH,
     )
     checkpoint = {
-        key: tensor.to(dtype) if tensor.is_floating_point() else tensor
-        for key, tensor in checkpoint.items()
+        key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in checkpoint.items()
     }
     return _save(checkpoint, out_path, {})
 
 
-def tiny_metadata(checkpoint: str | Path) -> dict | None:
-    """The tiny architecture stored in a checkpoint by `make_tiny_checkpoint`, or None."""
-    if Path(checkpoint).suffix != ".safetensors":
-        return None
-    with safe_open(str(checkpoint), framework="pt") as handle:
-        text = (handle.metadata() or {}).get(TINY_METADATA_KEY)
-    return json.loads(text) if text else None
-
-
-def make_tiny_lora(
-    base_checkpoint: str | Path, out_path: str | Path, seed: int = 0, rank: int = 4
-) -> Path:
+def make_tiny_lora(base_checkpoint: str | Path, out_path: str | Path, seed: int = 0, rank: int = 4) -> Path:
     """A LoRA for the tiny model in the kohya / AUTOMATIC1111 layout
     (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) on every attention
     projection of the UNet and the text encoder, with weights large enough to change images."""
@@ -259,7 +243,9 @@ def _save(tensors: dict[str, torch.Tensor], out_path: str | Path, metadata: dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-size", action="store_true", help="SD 1.5's real size (fp16, ~2 GB)")
