@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from deploy.local import first_image
 from deploy.local.process import StackError
 from deploy.local.servers import ensure_rabbitmq
 from deploy.local.stack import DEFAULT_AMQP_URL, LocalStack
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         "--var-dir", type=Path, default=Path(os.environ.get("ESD_VAR_DIR", "var")),
         help="where data, logs, pid files and secrets live (default: ./var)",
     )
+    parser.add_argument("--no-image", action="store_true", help="with up: skip generating the first image")
     args = parser.parse_args(argv)
     try:
         if args.command == "rabbitmq":
@@ -32,11 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         stack = LocalStack(args.var_dir)
         if args.command == "up":
             stack.up()
+            if not args.no_image:
+                path = first_image.generate(
+                    stack.gateway_url, stack.api_key, stack.admin_username, stack.var_dir, Path("out")
+                )
+                print(f"\nGenerated an image through the API: {path}")
         elif args.command == "down":
             stack.down()
         else:
             stack.status()
-    except StackError as error:
+    except (StackError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
