@@ -11,7 +11,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support import EventListener, wait_for
+from deploy.local.events import EventListener
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 

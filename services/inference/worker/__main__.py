@@ -65,6 +65,7 @@ class Worker:
         self.events = EventPublisher(self.broker, self.names)
         self.cache = settings.var_dir.resolve() / "models"
         self.state = "starting"
+        self.phases: dict[str, float] = {}  # milliseconds of the current job's steps, for its log line
         self.engine = None
         self.storage: ObjectStore | None = None
 
@@ -135,6 +136,7 @@ class Worker:
             self.state = "busy"
             await self._beat()
             started = time.perf_counter()
+            self.phases = {}
             try:
                 image_names, info = await self._run(run)
             except JobError as error:
@@ -146,7 +148,7 @@ class Worker:
                 await self.rpc.call(SERVICE, "job_succeeded", JobSucceeded(
                     inference_id=run.inference_id, worker_id=self.worker_id, image_names=image_names, info=info,
                 ))
-                log.info("worker.job_done", images=len(image_names), seconds=round(time.perf_counter() - started, 3))
+                log.info("worker.job_done", images=len(image_names), seconds=round(time.perf_counter() - started, 3), **self.phases)
         finally:
             self.state = "ready"
             structlog.contextvars.unbind_contextvars("inference_id")
@@ -161,6 +163,14 @@ class Worker:
         if run.task_type not in RUNNABLE:
             raise JobError(f"task type {run.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})")
         assert self.storage is not None and self.engine is not None
+        mark = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            self.phases[f"{name}_ms"] = round((now - mark) * 1000, 1)
+            mark = now
+
         try:
             payload = json.loads(await self.storage.get(run.payload_key))
         except ValueError as error:
@@ -169,7 +179,9 @@ class Worker:
             request = GenerationRequest.from_payload(run.task_type, payload)
         except ValueError as error:
             raise JobError(f"bad payload: {error}") from None
+        phase("payload")
         files = await self._model_files(run.models)
+        phase("models")
         loop = asyncio.get_running_loop()
         last = [0.0]
 
@@ -186,11 +198,13 @@ class Worker:
             result = await asyncio.to_thread(self.engine.generate, request, files, progress=progress)
         except (ValueError, UnsupportedCheckpoint, TokenizerUnavailable) as error:
             raise JobError(str(error)) from None
+        phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]
         for name, image in zip(names, result.images):
             await self.storage.put(f"{run.output_prefix}/{name}", image, "image/png")
         record = {"parameters": result.parameters, "info": result.info, "endpoint_name": self.endpoint, "inference_id": run.inference_id}
         await self.storage.put(f"{run.output_prefix}/{run.inference_id}_param.json", json.dumps(record).encode(), "application/json")
+        phase("store")
         return names, result.info
 
     async def _model_files(self, models: list[ModelFile]):
