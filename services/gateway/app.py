@@ -43,29 +43,26 @@ def create_app(settings: Settings) -> FastAPI:
 
     completions = Completions()
 
-    # Real-time callers wait for their job: each replica hears every job that finishes.
-    for routing_key in ("inference.succeeded", "inference.failed"):
-        finished_queue = RabbitQueue(
-            f"{names.prefix}gateway.{uuid.uuid4().hex[:12]}.{routing_key}",
+    def replica_queue(routing_key: str) -> RabbitQueue:
+        """A queue of this replica alone, gone with it, bound to the events exchange."""
+        return RabbitQueue(
+            f"{names.prefix}gateway.{uuid.uuid4().hex[:12]}.{routing_key.replace('*', 'any')}",
             exclusive=True,
             auto_delete=True,
             routing_key=routing_key,
         )
 
-        @broker.subscriber(finished_queue, names.events)
+    # Real-time callers wait for their job: each replica hears every job that finishes.
+    for routing_key in ("inference.succeeded", "inference.failed"):
+
+        @broker.subscriber(replica_queue(routing_key), names.events)
         async def on_job_finished(event: dict) -> None:
             completions.finished(event.get("inference_id", ""))
 
     # Each gateway replica drops its cached principals when any user or role changes.
-    for pattern in ("user.*", "role.*"):
-        queue = RabbitQueue(
-            f"{names.prefix}gateway.{uuid.uuid4().hex[:12]}.{pattern.split('.')[0]}",
-            exclusive=True,
-            auto_delete=True,
-            routing_key=pattern,
-        )
+    for routing_key in ("user.*", "role.*"):
 
-        @broker.subscriber(queue, names.events)
+        @broker.subscriber(replica_queue(routing_key), names.events)
         async def on_identity_change(_: dict) -> None:
             principals.invalidate()
 

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.envelope import forbidden_api_key, respond
 from shared.contracts.identity import SERVICE as IDENTITY, Authenticate, Principal
-from shared.errors import Forbidden, PayloadTooLarge, Unauthorized
+from shared.errors import Forbidden, Invalid, PayloadTooLarge, Unauthorized
 from shared.messaging import RpcClient
 from shared.permissions import allows_any
 from shared.settings import API_VERSION
@@ -147,6 +147,14 @@ async def optional_principal(request: Request) -> Principal | None:
         return await current_principal(request)
     except Unauthorized:
         return None
+
+
+async def named_user(request: Request, username: str) -> Principal:
+    """A user named in a query (`?username=`), which must exist (400 otherwise, as ESD)."""
+    try:
+        return await request.app.state.principals.get(username)
+    except Unauthorized:
+        raise Invalid(f'user: "{username}" not exist') from None
 
 
 def require(*permissions: str) -> Callable:

@@ -5,7 +5,7 @@ from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
 from services.gateway.envelope import respond
-from services.gateway.security import require
+from services.gateway.security import named_user, require
 from shared.contracts.checkpoint import (
     SERVICE,
     CheckpointItem,
@@ -22,7 +22,6 @@ from shared.contracts.checkpoint import (
     UpdatedCheckpoint,
 )
 from shared.contracts.identity import Principal
-from shared.errors import Invalid, Unauthorized
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -50,10 +49,7 @@ async def list_checkpoints(
         status=_split(status),
     )
     if username:
-        try:
-            subject = await request.app.state.principals.get(username)
-        except Unauthorized:
-            raise Invalid(f'user: "{username}" not exist') from None
+        subject = await named_user(request, username)
         command.as_roles, command.as_username = subject.roles, subject.username
     result = await request.app.state.rpc.call(SERVICE, "list", command, CheckpointPage)
     return respond(200, result)

@@ -5,7 +5,7 @@ from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
 from services.gateway.envelope import respond
-from services.gateway.security import require
+from services.gateway.security import named_user, require
 from shared.contracts.identity import Principal
 from shared.contracts.inference import (
     SERVICE,
@@ -17,7 +17,6 @@ from shared.contracts.inference import (
     EndpointView,
     ListEndpoints,
 )
-from shared.errors import Invalid, Unauthorized
 
 router = APIRouter(tags=["endpoints"])
 
@@ -32,10 +31,7 @@ async def list_endpoints(
 ) -> Response:
     command = ListEndpoints(actor=principal, limit=limit, exclusive_start_key=exclusive_start_key)
     if username:
-        try:
-            command.as_roles = (await request.app.state.principals.get(username)).roles
-        except Unauthorized:
-            raise Invalid(f'user: "{username}" not exist') from None
+        command.as_roles = (await named_user(request, username)).roles
     page = await request.app.state.rpc.call(SERVICE, "list_endpoints", command, EndpointPage)
     return respond(200, page)
 
