@@ -1,0 +1,96 @@
+"""An endpoint's life in the inference service, over the real broker, database and storage,
+with a pool backend that starts nothing (the workers' side is covered end to end)."""
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+
+import pytest
+
+from services.inference.handlers import Inference
+from services.inference.store import InferenceStore
+from shared.contracts.identity import Principal
+from shared.contracts.inference import SERVICE, CreateEndpoint, EndpointStatus, ListEndpoints, WorkerHeartbeat
+from shared.db import mongo_client
+from shared.messaging import EventPublisher, Names, QueueDepths, create_broker
+from shared.storage import ObjectStore
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ADMIN = Principal(username="admin", roles=["IT Operator"], permissions=["sagemaker_endpoint:all"])
+
+
+class IdlePool:
+    """Records what it is asked and starts nothing."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+
+    async def scale(self, endpoint: str, count: int) -> None:
+        self.sizes[endpoint] = count
+
+    def count(self, endpoint: str) -> int:
+        return self.sizes.get(endpoint, 0)
+
+    async def stop(self, endpoint: str) -> None:
+        self.sizes.pop(endpoint, None)
+
+    async def close(self) -> None:
+        self.sizes.clear()
+
+
+@pytest.fixture
+async def inference(settings_factory, s3):
+    settings = settings_factory(**s3)
+    names = Names(settings.broker_prefix)
+    async with AsyncExitStack() as stack:
+        broker = create_broker(settings)
+        await broker.connect()
+        stack.push_async_callback(broker.stop)
+        await broker.declare_exchange(names.events)
+        client = mongo_client(settings)
+        stack.push_async_callback(client.close)
+        store = InferenceStore(client[settings.database_name(SERVICE)])
+        await store.ensure_indexes()
+        depths = QueueDepths(settings.amqp_url)
+        stack.push_async_callback(depths.close)
+        pool = IdlePool()
+        service = Inference(
+            store, await ObjectStore.open(settings, stack), pool, EventPublisher(broker, names), broker, names, depths,
+            start_timeout=0.5, scale_down_after=60,
+        )
+        yield service, pool
+
+
+def body(**overrides):
+    values = {"endpoint_name": "life", "endpoint_type": "Async", "instance_type": "cpu", "initial_instance_count": 2,
+              "autoscaling_enabled": False, "assign_to_roles": ["IT Operator"], "actor": ADMIN}
+    values.update(overrides)
+    return CreateEndpoint(**values)
+
+
+async def test_an_endpoint_whose_workers_never_come_up_fails_with_the_reason(inference):
+    service, pool = inference
+    view = await service.create_endpoint(body())
+    assert (view.endpoint_name, view.endpoint_status) == ("esd-async-life", EndpointStatus.CREATING)
+    assert pool.sizes["esd-async-life"] == 2
+    await asyncio.sleep(0.6)
+    await service.autoscale_once()
+    endpoint = await service.store.endpoint("esd-async-life")
+    assert endpoint["status"] == EndpointStatus.FAILED
+    assert "no worker reported ready within 0.5 s" in endpoint["error"]
+
+    # a worker that comes up after all brings the endpoint into service
+    await service.heartbeat(WorkerHeartbeat(endpoint_name="esd-async-life", worker_id="late", state="ready", at=time.time()))
+    endpoint = await service.store.endpoint("esd-async-life")
+    assert (endpoint["status"], endpoint["error"]) == (EndpointStatus.IN_SERVICE, None)
+    (listed,) = (await service.list_endpoints(ListEndpoints(actor=ADMIN))).endpoints
+    assert listed.current_instance_count == "1"
+
+
+async def test_a_fixed_pool_is_kept_at_its_size(inference):
+    service, pool = inference
+    await service.create_endpoint(body(endpoint_name="fixed"))
+    pool.sizes["esd-async-fixed"] = 1  # a worker died
+    await service.autoscale_once()
+    assert pool.sizes["esd-async-fixed"] == 2
