@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     worker_device: str = "auto"  # auto | cpu | cuda
     worker_heartbeat_seconds: float = 2.0
 
+    # training: worker processes this host runs (each trains one LoRA at a time)
+    training_workers: int = 1
+
     var_dir: Path = Path("var")
 
     def database_name(self, service: str) -> str:

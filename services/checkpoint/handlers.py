@@ -31,8 +31,10 @@ from shared.contracts.checkpoint import (
     CreatedCheckpoint,
     DeleteCheckpoints,
     DownloadCheckpoint,
+    FindCheckpoint,
     GetCheckpoint,
     ListCheckpoints,
+    RegisterCheckpoint,
     RenameCheckpoint,
     UpdateCheckpoint,
     UpdatedCheckpoint,
@@ -233,6 +235,40 @@ class Checkpoints:
             raise NotFound(f"checkpoint not found with id {command.checkpoint_id}")
         return checkpoint.item()
 
+    async def find(self, command: FindCheckpoint) -> CheckpointItem:
+        not_found = NotFound(f"checkpoint with name {command.name}, type {command.checkpoint_type.value} is not found")
+        holder = await self.store.holder(command.name)
+        checkpoint = await self.store.get(holder) if holder else None
+        if checkpoint is None or checkpoint.type is not command.checkpoint_type or checkpoint.status is not CheckpointStatus.ACTIVE:
+            raise not_found
+        return checkpoint.item()
+
+    async def register(self, command: RegisterCheckpoint) -> CheckpointItem:
+        existing = await self.store.get(command.checkpoint_id)
+        if existing is not None:
+            return existing.item()  # registered by an earlier delivery of this request
+        name = command.name
+        if await self.store.holder(name) is not None:  # keep the file's name when free
+            stem, dot, extension = name.rpartition(".")
+            name = f"{stem}-{command.checkpoint_id[:8]}{dot}{extension}" if dot else f"{name}-{command.checkpoint_id[:8]}"
+        params = {**command.params, "creator": command.actor.username, "created": str(datetime.now())}
+        checkpoint = Checkpoint(
+            id=command.checkpoint_id, type=command.checkpoint_type, status=CheckpointStatus.INITIAL,
+            names=[name], bucket=self.storage.bucket, params=params,
+            allowed_roles=list(command.actor.roles) or [command.actor.username], created=time.time(),
+        )
+        await self.store.reserve_names([name], checkpoint.id)
+        size = await self.storage.size(command.source_key)
+        if size is None:
+            await self.store.release_names([name], checkpoint.id)
+            raise Invalid(f"{command.source_key} does not exist in storage")
+        await self._copy(command.source_key, checkpoint.key(name), size)
+        checkpoint.status = CheckpointStatus.ACTIVE
+        await self.store.insert(checkpoint)
+        log.info("checkpoint.registered", checkpoint_id=checkpoint.id, file=name, actor=command.actor.username)
+        await self.events.publish(CheckpointActivated(**self._changed(checkpoint)))
+        return checkpoint.item()
+
     # --- work ---
 
     async def download(self, message: DownloadCheckpoint) -> None:
@@ -328,6 +364,8 @@ def register(broker: RabbitBroker, names: Names, checkpoints: Checkpoints) -> No
             "delete": checkpoints.delete,
             "list": checkpoints.list,
             "get": checkpoints.get,
+            "find": checkpoints.find,
+            "register": checkpoints.register,
         },
     )
     # Downloads are slow and mostly waiting: a few at once per replica.

@@ -57,6 +57,11 @@ class CheckpointStore:
                 raise duplicate_name_error(name) from None
             taken.append(name)
 
+    async def holder(self, name: str) -> str | None:
+        """The id of the checkpoint holding a file name."""
+        doc = await self.names.find_one({"name": name})
+        return doc["checkpoint_id"] if doc else None
+
     async def release_names(self, names: list[str], checkpoint_id: str) -> None:
         if names:
             await self.names.delete_many({"name": {"$in": names}, "checkpoint_id": checkpoint_id})

@@ -15,7 +15,7 @@ from faststream.rabbit import RabbitQueue
 from services.gateway.bodies import BODY_DEFINITIONS
 from services.gateway.envelope import install_error_handlers
 from services.gateway.completions import Completions
-from services.gateway.routes import checkpoints, endpoints, inferences, ping, roles, users
+from services.gateway.routes import checkpoints, endpoints, inferences, ping, roles, trainings, users
 from services.gateway.security import EdgeMiddleware, Principals
 from shared.messaging import Names, RpcClient, create_broker
 from shared.settings import API_VERSION, Settings
@@ -29,6 +29,7 @@ ROUTERS = (
     checkpoints.router,
     endpoints.router,
     inferences.router,
+    trainings.router,
 )
 
 

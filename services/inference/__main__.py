@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 from faststream.rabbit import RabbitBroker
 
 from services.inference.handlers import Inference, register
-from services.inference.pools import LocalPool
+from shared.pools import LocalPool
 from services.inference.store import InferenceStore
 from shared.contracts.inference import HEARTBEATS, SERVICE
 from shared.db import mongo_client

@@ -3,14 +3,13 @@ models a job names, and how jobs and endpoints look to ESD clients. Pure functio
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 from shared.contracts.inference import TASK_TYPES, EndpointStatus, EndpointType, EndpointView
 from shared.errors import Invalid
+from shared.esd import esd_time
 
 PASS_THROUGH_VAES = ("Automatic", "None")
 RUNNABLE_TASKS = ("txt2img", "img2img")
@@ -19,12 +18,6 @@ RUNNABLE_TASKS = ("txt2img", "img2img")
 def endpoint_name(endpoint_type: EndpointType, name: str | None) -> str:
     """ESD's naming: `esd-<type lowercased>-<name or 7 hex>` (`esd-real-time-test`)."""
     return f"esd-{endpoint_type.value.lower()}-{name or uuid.uuid4().hex[:7]}"
-
-
-def esd_time(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def shares_a_role(owner_roles: Iterable[str], roles: Iterable[str]) -> bool:
@@ -109,16 +102,3 @@ def payload_key(task_type: str, inference_id: str) -> str:
 
 def output_prefix(inference_id: str) -> str:
     return f"out/{inference_id}/result"
-
-
-def encode_position(created: float) -> str:
-    return base64.urlsafe_b64encode(repr(created).encode()).decode()
-
-
-def decode_position(key: str | None) -> float | None:
-    if not key:
-        return None
-    try:
-        return float(base64.urlsafe_b64decode(key.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid("exclusive_start_key is not a key this API gave") from None

@@ -14,7 +14,7 @@ import structlog
 from faststream.rabbit import RabbitBroker, RabbitMessage
 
 from services.inference import domain
-from services.inference.pools import PoolBackend
+from shared.pools import PoolBackend
 from services.inference.scaling import PoolLimits, PoolState, desired_workers
 from services.inference.store import InferenceStore
 from shared.contracts import checkpoint as checkpoints
@@ -54,6 +54,7 @@ from shared.contracts.inference import (
     queue_of,
 )
 from shared.errors import Invalid, NotFound
+from shared.esd import decode_position, encode_position, esd_time
 from shared.messaging import EventPublisher, Names, QueueDepths, RpcClient, declare_work_queue, register_rpc, send_work
 from shared.permissions import allows
 from shared.storage import ObjectStore
@@ -355,9 +356,9 @@ class Inference:
             "status": job["status"],
             "taskType": job["task_type"],
             "inference_type": job["inference_type"],
-            "createTime": domain.esd_time(job["created"]),
-            "startTime": domain.esd_time(job.get("start_time")),
-            "completeTime": domain.esd_time(job.get("complete_time")),
+            "createTime": esd_time(job["created"]),
+            "startTime": esd_time(job.get("start_time")),
+            "completeTime": esd_time(job.get("complete_time")),
             "image_names": job["image_names"],
             "owner_group_or_role": [job["owner"]],
             "params": {
@@ -383,13 +384,13 @@ class Inference:
             owner = command.actor.username
         limit = max(1, min(command.limit, 100))
         jobs = await self.store.page_jobs(
-            task_type=command.task_type, owner=owner, before=domain.decode_position(command.exclusive_start_key), limit=limit
+            task_type=command.task_type, owner=owner, before=decode_position(command.exclusive_start_key), limit=limit
         )
         more = len(jobs) > limit
         jobs = jobs[:limit]
         return InferencePage(
             inferences=[await self._view(job) for job in jobs],
-            last_evaluated_key=domain.encode_position(jobs[-1]["created"]) if more else None,
+            last_evaluated_key=encode_position(jobs[-1]["created"]) if more else None,
         )
 
     async def delete_inferences(self, command: DeleteInferences) -> None:

@@ -123,6 +123,26 @@ class GetCheckpoint(BaseModel):
     checkpoint_id: str
 
 
+class FindCheckpoint(BaseModel):
+    """An Active checkpoint by type and file name."""
+
+    actor: Principal
+    checkpoint_type: CheckpointType
+    name: str
+
+
+class RegisterCheckpoint(BaseModel):
+    """Make a file another service produced (a trained LoRA) an Active checkpoint. The caller
+    chooses the id, so a repeated request registers once."""
+
+    actor: Principal  # the owner: its roles may use the checkpoint
+    checkpoint_id: str
+    checkpoint_type: CheckpointType
+    name: FileName
+    source_key: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 # --- replies -------------------------------------------------------------------------------
 
 

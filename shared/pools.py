@@ -1,8 +1,10 @@
-"""Pool backends: what starts and stops the workers of an endpoint.
+"""Pool backends: what starts and stops the workers of a pool (an inference endpoint, or the
+training workers).
 
 `local` runs worker processes on this host (the embedded default). `swarm` (a Docker service)
-and `kubernetes` (a Deployment scaled by KEDA) implement the same interface. A pool's workers
-announce themselves by heartbeat; the backend only knows the processes it started."""
+and `kubernetes` (a Deployment scaled by KEDA) are to implement the same interface. Workers
+announce themselves by heartbeat where the service needs it; the backend only knows the
+processes it started."""
 
 from __future__ import annotations
 
@@ -34,10 +36,18 @@ class PoolBackend(Protocol):
 
 
 class LocalPool:
-    """Worker processes on this host, one `python -m services.inference.worker` each."""
+    """Worker processes on this host, one `python -m <module> --endpoint <pool> --worker-id <id>`
+    each."""
 
-    def __init__(self, log_dir: Path, env: dict[str, str] | None = None, stop_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        module: str = "services.inference.worker",
+        env: dict[str, str] | None = None,
+        stop_timeout: float = 60.0,
+    ) -> None:
         self.log_dir = log_dir
+        self.module = module
         self.env = {**os.environ, **(env or {})}
         self.stop_timeout = stop_timeout
         self.workers: dict[str, dict[str, asyncio.subprocess.Process]] = {}
@@ -59,7 +69,7 @@ class LocalPool:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_dir / f"worker-{worker_id}.log", "ab") as output:
                 pool[worker_id] = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "services.inference.worker",
+                    sys.executable, "-m", self.module,
                     "--endpoint", endpoint, "--worker-id", worker_id,
                     stdout=output, stderr=asyncio.subprocess.STDOUT,
                     env=self.env, start_new_session=True,

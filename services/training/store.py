@@ -1,0 +1,76 @@
+"""The training service's MongoDB collections: `datasets` (unique by name) and `trainings`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from shared.errors import Invalid
+
+
+class TrainingStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.datasets = db["datasets"]
+        self.trainings = db["trainings"]
+
+    async def ensure_indexes(self) -> None:
+        await self.datasets.create_index([("name", ASCENDING)], unique=True)
+        await self.trainings.create_index([("id", ASCENDING)], unique=True)
+        await self.trainings.create_index([("created", DESCENDING)])
+
+    # --- datasets ---
+
+    async def add_dataset(self, dataset: dict[str, Any]) -> None:
+        try:
+            await self.datasets.insert_one(dataset)
+        except DuplicateKeyError:
+            raise Invalid(f"dataset {dataset['name']} already exists") from None
+
+    async def dataset(self, name: str) -> dict[str, Any] | None:
+        return await self.datasets.find_one({"name": name}, {"_id": 0})
+
+    async def all_datasets(self) -> list[dict[str, Any]]:
+        return [doc async for doc in self.datasets.find({}, {"_id": 0}).sort("created", DESCENDING)]
+
+    async def update_dataset(self, name: str, **fields: Any) -> None:
+        await self.datasets.update_one({"name": name}, {"$set": fields})
+
+    async def remove_dataset(self, name: str) -> None:
+        await self.datasets.delete_one({"name": name})
+
+    # --- trainings ---
+
+    async def add_training(self, training: dict[str, Any]) -> None:
+        await self.trainings.insert_one(training)
+
+    async def training(self, training_id: str) -> dict[str, Any] | None:
+        return await self.trainings.find_one({"id": training_id}, {"_id": 0})
+
+    async def update_training(self, training_id: str, **fields: Any) -> None:
+        await self.trainings.update_one({"id": training_id}, {"$set": fields})
+
+    async def transition(self, training_id: str, expected: list[str], **fields: Any) -> bool:
+        result = await self.trainings.update_one(
+            {"id": training_id, "status": {"$in": expected}}, {"$set": fields}
+        )
+        return result.matched_count == 1
+
+    async def count_attempt(self, training_id: str) -> int:
+        await self.trainings.update_one({"id": training_id}, {"$inc": {"attempts": 1}})
+        training = await self.training(training_id)
+        return int(training.get("attempts", 0)) if training else 0
+
+    async def page(self, *, owner: str | None, before: float | None, limit: int) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {}
+        if owner is not None:
+            query["owner"] = owner
+        if before is not None:
+            query["created"] = {"$lt": before}
+        cursor = self.trainings.find(query, {"_id": 0}).sort("created", DESCENDING).limit(limit + 1)
+        return [doc async for doc in cursor]
+
+    async def remove_training(self, training_id: str) -> None:
+        await self.trainings.delete_one({"id": training_id})

@@ -1,0 +1,207 @@
+"""The training service's wire contracts: datasets, LoRA training jobs, what passes between
+the service and its workers, and the events clients follow."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
+
+from shared.contracts.checkpoint import FileName, safe_file_name
+from shared.contracts.identity import Body, Principal
+from shared.messaging import Event
+
+SERVICE = "training"
+JOBS = "training.jobs"
+DATASET_FILE_TYPES = ("image", "text")
+
+
+class DatasetStatus(StrEnum):
+    INITIAL = "Initialed"  # ESD's spelling
+    ENABLED = "Enabled"
+
+
+class TrainingStatus(StrEnum):
+    INITIAL = "Initial"
+    TRAINING = "Training"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+
+
+def _folder(value: str) -> str:
+    """A dataset name or kohya folder (`10_technic`): one plain path segment."""
+    return safe_file_name(value)
+
+
+Folder = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_folder)]
+
+
+# --- HTTP bodies -------------------------------------------------------------------------
+
+
+class DatasetFile(Body):
+    filename: FileName
+    name: str | None = None
+    type: str = "image"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CreateDatasetBody(Body):
+    dataset_name: Folder
+    content: Annotated[list[DatasetFile], Field(min_length=1, max_length=2000)]
+    prefix: Folder | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class UpdateDatasetBody(Body):
+    status: DatasetStatus
+
+
+class DeleteDatasetsBody(Body):
+    dataset_name_list: Annotated[list[Folder], Field(min_length=1, max_length=100)]
+
+
+class TrainingParams(Body):
+    training_instance_type: str = "local"
+    fm_type: str = "sd_1_5"
+    model: str | None = None  # an Active Stable-diffusion checkpoint's file name
+    s3_model_path: str | None = None
+    dataset: str | None = None  # a dataset name
+    s3_data_path: str | None = None
+
+    @model_validator(mode="after")
+    def _sources(self) -> TrainingParams:
+        if not (self.model or self.s3_model_path):
+            raise ValueError("params.training_params needs the base model: model or s3_model_path")
+        if not (self.dataset or self.s3_data_path):
+            raise ValueError("params.training_params needs the data: dataset or s3_data_path")
+        if self.fm_type not in ("sd_1_5", "sd_xl"):
+            raise ValueError(f"fm_type {self.fm_type} should be in ['sd_1_5', 'sd_xl']")
+        return self
+
+
+class TrainingJobParams(Body):
+    training_params: TrainingParams
+    config_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CreateTrainingBody(Body):
+    lora_train_type: Annotated[str, StringConstraints(pattern=r"^kohya$")] = "kohya"
+    params: TrainingJobParams
+
+
+class DeleteTrainingsBody(Body):
+    training_id_list: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)]
+
+
+# --- commands (RPC) ------------------------------------------------------------------------
+
+
+class CreateDataset(CreateDatasetBody):
+    actor: Principal
+
+
+class UpdateDataset(UpdateDatasetBody):
+    actor: Principal
+    dataset_name: str
+
+
+class GetDataset(BaseModel):
+    actor: Principal
+    dataset_name: str
+
+
+class ListDatasets(BaseModel):
+    actor: Principal
+
+
+class DeleteDatasets(DeleteDatasetsBody):
+    actor: Principal
+
+
+class CreateTraining(CreateTrainingBody):
+    actor: Principal
+
+
+class GetTraining(BaseModel):
+    actor: Principal
+    training_id: str
+
+
+class ListTrainings(BaseModel):
+    actor: Principal
+    limit: int = 10
+    exclusive_start_key: str | None = None
+
+
+class DeleteTrainings(DeleteTrainingsBody):
+    actor: Principal
+
+
+# --- between the service and its workers ---------------------------------------------------
+
+
+class TrainLora(BaseModel):
+    """Sent to `training.jobs`: everything a training worker needs."""
+
+    training_id: str
+    model_key: str
+    model_name: str
+    data_prefix: str  # every object under it is the dataset, kohya folders kept
+    output_prefix: str
+    config_params: dict[str, Any]
+    fm_type: str
+
+
+class TrainingStarted(BaseModel):
+    training_id: str
+    worker_id: str
+
+
+class TrainingDecision(BaseModel):
+    run: bool
+    reason: str | None = None
+
+
+class TrainingDone(BaseModel):
+    training_id: str
+    worker_id: str
+    final_key: str
+    output_keys: list[str]
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingError(BaseModel):
+    training_id: str
+    worker_id: str
+    error: str
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+class TrainingProgress(Event):
+    routing_key = "training.progress"
+    training_id: str
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+
+
+class TrainingCompleted(Event):
+    routing_key = "training.completed"
+    training_id: str
+    checkpoint_id: str
+    lora_name: str
+    owner: str
+
+
+class TrainingFailed(Event):
+    routing_key = "training.failed"
+    training_id: str
+    error: str
+    owner: str
