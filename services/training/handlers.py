@@ -170,11 +170,14 @@ class Training:
 
     async def _base_model(self, actor: Principal, name: str | None, s3_path: str | None) -> tuple[str, str]:
         if name:
-            item = await self.rpc.call(
-                checkpoints.SERVICE, "find",
-                checkpoints.FindCheckpoint(actor=actor, checkpoint_type=checkpoints.CheckpointType.STABLE_DIFFUSION, name=name),
-                checkpoints.CheckpointItem,
-            )
+            try:
+                item = await self.rpc.call(
+                    checkpoints.SERVICE, "find",
+                    checkpoints.FindCheckpoint(actor=actor, checkpoint_type=checkpoints.CheckpointType.STABLE_DIFFUSION, name=name),
+                    checkpoints.CheckpointItem,
+                )
+            except NotFound as missing:  # for this request, a bad base model is a bad input
+                raise Invalid(missing.message) from None
             return f"{item.s3Location.split('/', 3)[3]}/{name}", name
         key = self._key_in_bucket(s3_path or "")
         if await self.storage.size(key) is None:
