@@ -4,7 +4,6 @@ worker processes running the tiny Stable-Diffusion-shaped model."""
 import base64
 import io
 import json
-import time
 import uuid
 
 import httpx

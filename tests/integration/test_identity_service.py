@@ -23,7 +23,6 @@ from shared.contracts.identity import (
 from shared.db import mongo_client
 from shared.errors import Forbidden, Invalid, Unauthorized
 from shared.messaging import EventPublisher, Names
-from shared.service import serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
