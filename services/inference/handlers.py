@@ -144,7 +144,8 @@ class Inference:
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
             run = RunInference.model_validate_json(message.body)
             await self._finish_failed(run.inference_id, f"endpoint {name} was deleted before the job ran")
-        await queue.delete(if_unused=False, if_empty=False)
+        # The empty queue stays: declarations are cached per process, so a queue deleted here
+        # would not be declared again for a new endpoint of the same name.
 
     async def heartbeat(self, beat: WorkerHeartbeat) -> None:
         if beat.state == "stopping":
