@@ -247,6 +247,11 @@ def _describe(error: ValidationError) -> str:
         field = ".".join(str(part) for part in problem["loc"]) or "config"
         message = problem["msg"].removeprefix("Value error, ")
         given = problem.get("input")
-        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+        # pydantic's own messages do not show the value; this module's messages already do
+        shown = (
+            f" (got {given!r})"
+            if problem["type"] != "value_error" and given is not None and not isinstance(given, dict)
+            else ""
+        )
         parts.append(f"{field}: {message}{shown}")
     return "; ".join(parts)

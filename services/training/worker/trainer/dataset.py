@@ -59,7 +59,9 @@ def read_dataset(folder: Path, caption_extension: str = ".txt") -> list[Training
         images.append(TrainingImage(path=path, caption=caption, repeats=repeats, folder=kohya_folder))
     if not images:
         wanted = ", ".join(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
-        hint = f" (folders with 0 repeats were left out: {', '.join(sorted(set(skipped_folders)))})" if skipped_folders else ""
+        hint = ""
+        if skipped_folders:
+            hint = f" (folders with 0 repeats were left out: {', '.join(sorted(set(skipped_folders)))})"
         raise ValueError(f"dataset: no images ({wanted}) were found in the dataset{hint}")
     return images
 
