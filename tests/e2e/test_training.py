@@ -162,3 +162,33 @@ def test_dataset_rules(api):
     assert api("POST", "/datasets", json={"dataset_name": name, "content": [{"filename": "a.png"}]}).json()["message"] == f"dataset {name} already exists"
     assert api("DELETE", "/datasets", json={"dataset_name_list": [name, "never"]}).status_code == 204
     assert api("GET", f"/datasets/{name}").status_code == 404
+
+
+def test_a_killed_training_worker_loses_nothing_and_progress_is_announced(api, stack, base_model):
+    import os
+    import signal
+    import subprocess
+
+    from deploy.local.events import EventListener
+
+    dataset, output_name = unique("long"), unique("long_lora").replace("-", "_")
+    make_dataset(api, dataset, count=2)
+    exchange = f"{stack.env['ESD_BROKER_PREFIX']}esd.events"
+    with EventListener(stack.amqp_url, exchange, "training.#") as events:
+        response = api("POST", "/trainings", json={"params": {
+            "training_params": {"model": base_model, "dataset": dataset},
+            "config_params": {"training": {"output_name": output_name, "max_train_steps": 1500, "resolution": 64}},
+        }})
+        training_id = response.json()["data"]["id"]
+        wait_for(lambda: api("GET", f"/trainings/{training_id}").json()["data"].get("progress"), timeout=120, what="training to run")
+        found = subprocess.run(["pgrep", "-f", "services.training.worker "], capture_output=True, text=True).stdout.split()
+        assert found, "no training worker process"
+        for pid in found:
+            os.kill(int(pid), signal.SIGKILL)
+        seen = events.until(lambda key, body: key in ("training.completed", "training.failed") and body["training_id"] == training_id, timeout=300)
+    keys = [key for key, body in seen if body["training_id"] == training_id]
+    assert "training.progress" in keys
+    assert keys[-1] == "training.completed"
+    training = api("GET", f"/trainings/{training_id}").json()["data"]
+    assert training["job_status"] == "Completed"
+    assert training["info"]["steps"] == 1500
