@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import tempfile
@@ -62,6 +63,8 @@ class TrainingWorker:
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
             self.storage = await ObjectStore.open(self.settings, stack)
+            # the heavy imports (torch, diffusers, peft) before taking work, not in a job's time
+            await asyncio.to_thread(importlib.import_module, "services.training.worker.trainer.training")
             self.broker.subscriber(
                 self.names.work_queue(JOBS), channel=Channel(prefetch_count=1), ack_policy=AckPolicy.NACK_ON_ERROR
             )(self.handle)
