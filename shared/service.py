@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
+from typing import Any
 
 import structlog
 from faststream.rabbit import RabbitBroker
@@ -62,12 +63,17 @@ async def serve(service: str, setup: Setup, settings: Settings | None = None) ->
         log.info("service.stopping")
 
 
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine on uvloop (shipped with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(service: str, setup: Setup) -> None:
     settings = get_settings()
     configure_logging(service, fmt=settings.log_format, level=settings.log_level)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        asyncio.run(serve(service, setup, settings))
-    else:
-        uvloop.run(serve(service, setup, settings))
+    run(serve(service, setup, settings))

@@ -5,8 +5,10 @@ of the platform move large files through presigned URLs, straight to storage."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import aioboto3
@@ -116,6 +118,21 @@ class ObjectStore:
                 yield data
         finally:
             body.close()
+
+    async def download_to(self, key: str, path: Path) -> Path:
+        """Write an object to a local file, atomically: processes sharing a cache folder never
+        see half a file, and a failed download leaves nothing behind."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            with open(partial, "wb") as out:
+                async for chunk in self.stream(key):
+                    out.write(chunk)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, path)
+        return path
 
     async def size(self, key: str) -> int | None:
         try:

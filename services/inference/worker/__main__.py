@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -40,6 +39,7 @@ from shared.contracts.inference import (
 )
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, RpcClient, create_broker, declare_work_queue
+from shared.service import run
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStore
 
@@ -234,16 +234,10 @@ class Worker:
         path = self.cache / model.checkpoint_id / model.name
         if path.exists():
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.part")
         try:
-            with open(partial, "wb") as out:
-                async for chunk in self.storage.stream(model.key):
-                    out.write(chunk)
+            await self.storage.download_to(model.key, path)
         except Exception as error:
-            partial.unlink(missing_ok=True)
             raise JobError(f"could not fetch model {model.name}: {error}") from None
-        os.replace(partial, path)  # atomic: workers sharing the cache never read half a file
         log.info("worker.model_cached", name=model.name, bytes=path.stat().st_size)
         return path
 
@@ -256,13 +250,7 @@ def main() -> None:
     settings = get_settings()
     configure_logging("worker", fmt=settings.log_format, level=settings.log_level)
     structlog.contextvars.bind_contextvars(worker_id=args.worker_id, endpoint=args.endpoint)
-    worker = Worker(settings, args.endpoint, args.worker_id)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(worker.run())
-    else:
-        uvloop.run(worker.run())
+    run(Worker(settings, args.endpoint, args.worker_id).run())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import os
 import signal
 import tempfile
 import time
@@ -36,6 +35,7 @@ from shared.contracts.training import (
 )
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, RpcClient, create_broker, declare_work_queue
+from shared.service import run
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStore
 
@@ -152,21 +152,15 @@ class TrainingWorker:
         return device
 
     async def _model(self, job: TrainLora) -> Path:
-        """The base model on local disk, downloaded once (shared with inference workers)."""
+        """The base model on local disk, downloaded once."""
         assert self.storage is not None
         path = self.cache / "by-key" / job.model_key
         if path.exists():
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.part")
         try:
-            with open(partial, "wb") as out:
-                async for chunk in self.storage.stream(job.model_key):
-                    out.write(chunk)
+            await self.storage.download_to(job.model_key, path)
         except Exception as error:
-            partial.unlink(missing_ok=True)
             raise JobError(f"could not fetch the base model {job.model_name}: {error}") from None
-        os.replace(partial, path)
         return path
 
     async def _dataset(self, prefix: str, folder: Path) -> None:
@@ -192,13 +186,7 @@ def main() -> None:
     settings = get_settings()
     configure_logging("training-worker", fmt=settings.log_format, level=settings.log_level)
     structlog.contextvars.bind_contextvars(worker_id=args.worker_id)
-    worker = TrainingWorker(settings, args.worker_id)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(worker.run())
-    else:
-        uvloop.run(worker.run())
+    run(TrainingWorker(settings, args.worker_id).run())
 
 
 if __name__ == "__main__":
