@@ -242,3 +242,17 @@ def test_a_cancelled_job_stops_and_the_next_one_runs(engine, checkpoint):
 def test_a_missing_checkpoint_is_a_readable_error(engine, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         _txt2img(engine, ModelFiles(checkpoint=tmp_path / "nowhere.safetensors"))
+
+
+def test_clip_skip_from_override_settings_runs_and_changes_the_image(checkpoint):
+    from services.inference.worker.engine import Engine, GenerationRequest, ModelFiles
+
+    engine = Engine()
+
+    def image(settings):
+        request = GenerationRequest.from_payload(
+            "txt2img", {"prompt": "a red cube", "steps": 3, "width": 64, "height": 64, "seed": 3, "override_settings": settings}
+        )
+        return engine.generate(request, ModelFiles(checkpoint=checkpoint)).images[0]
+
+    assert image({"CLIP_stop_at_last_layers": 2}) != image({})

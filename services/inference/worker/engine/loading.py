@@ -159,6 +159,11 @@ def load_checkpoint(path: Path, *, device: torch.device, dtype: torch.dtype) -> 
             state, config=folder, subfolder="vae", torch_dtype=load_dtype, local_files_only=True
         )
     text_encoder = load_text_encoder(state, architecture.configs["text_encoder"], dtype)
+    if not hasattr(text_encoder, "text_model"):
+        # transformers 5 flattened CLIPTextModel, but diffusers' clip skip still reaches for
+        # `text_encoder.text_model.final_layer_norm`. Outside the module registry, so the alias
+        # adds no cycle to modules(), parameters() or state_dict().
+        object.__setattr__(text_encoder, "text_model", text_encoder)
     del state
     pipeline = StableDiffusionPipeline(
         vae=vae,
