@@ -28,6 +28,7 @@ from PIL import Image
 from services.inference.worker.engine.infotext import VERSION, infotext, png_with_parameters
 from services.inference.worker.engine.loading import (
     LoadedCheckpoint,
+    clip_skip_compatible,
     load_checkpoint,
     load_vae,
     read_state_dict,
@@ -229,7 +230,7 @@ class Engine:
                 arguments["callback_on_step_end"] = _step_callback(
                     iteration, request.n_iter, progress, cancelled
                 )
-            with torch.inference_mode():
+            with torch.inference_mode(), clip_skip_compatible(pipe.text_encoder):
                 output = pipe(**arguments)
             if pipe.interrupt:
                 raise GenerationCancelled("the job was cancelled")

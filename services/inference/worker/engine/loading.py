@@ -140,6 +140,22 @@ def tiny_metadata(checkpoint: str | Path) -> dict | None:
 
 
 @dataclass
+@contextmanager
+def clip_skip_compatible(text_encoder: torch.nn.Module) -> Iterator[None]:
+    """transformers 5 flattened CLIPTextModel, but diffusers' clip skip still reaches for
+    `text_encoder.text_model.final_layer_norm`: alias the model as its own `text_model` for the
+    call. Only for the call: while the alias exists, diffusers would also name LoRA targets the
+    old way and match none. Kept outside the module registry, so no cycle appears."""
+    if hasattr(text_encoder, "text_model"):
+        yield
+        return
+    object.__setattr__(text_encoder, "text_model", text_encoder)
+    try:
+        yield
+    finally:
+        del text_encoder.__dict__["text_model"]
+
+
 class LoadedCheckpoint:
     pipeline: StableDiffusionPipeline
     architecture: Architecture
@@ -159,11 +175,6 @@ def load_checkpoint(path: Path, *, device: torch.device, dtype: torch.dtype) -> 
             state, config=folder, subfolder="vae", torch_dtype=load_dtype, local_files_only=True
         )
     text_encoder = load_text_encoder(state, architecture.configs["text_encoder"], dtype)
-    if not hasattr(text_encoder, "text_model"):
-        # transformers 5 flattened CLIPTextModel, but diffusers' clip skip still reaches for
-        # `text_encoder.text_model.final_layer_norm`. Outside the module registry, so the alias
-        # adds no cycle to modules(), parameters() or state_dict().
-        object.__setattr__(text_encoder, "text_model", text_encoder)
     del state
     pipeline = StableDiffusionPipeline(
         vae=vae,
