@@ -139,7 +139,6 @@ def tiny_metadata(checkpoint: str | Path) -> dict | None:
     return json.loads(text) if text else None
 
 
-@dataclass
 @contextmanager
 def clip_skip_compatible(text_encoder: torch.nn.Module) -> Iterator[None]:
     """transformers 5 flattened CLIPTextModel, but diffusers' clip skip still reaches for
@@ -156,6 +155,7 @@ def clip_skip_compatible(text_encoder: torch.nn.Module) -> Iterator[None]:
         del text_encoder.__dict__["text_model"]
 
 
+@dataclass
 class LoadedCheckpoint:
     pipeline: StableDiffusionPipeline
     architecture: Architecture
