@@ -10,17 +10,19 @@ broker, and carries request/reply (RPC) and events.
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import logging
 import inspect
+import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
 import structlog
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitMessage, RabbitQueue
 from pydantic import BaseModel
 
-from shared.errors import ErrorInfo, EsdError, Internal, Unavailable
+from shared.errors import ErrorInfo, EsdError, Internal, Invalid, Unavailable
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -162,15 +164,62 @@ def rpc_handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[di
     return wrapper
 
 
+RPC_CONCURRENCY = 64  # requests of one command a service replica works on at once
+
+
 def register_rpc(
     broker: RabbitBroker,
     names: Names,
     service: str,
     handlers: dict[str, Callable[..., Awaitable[Any]]],
 ) -> None:
-    """Subscribe each handler to `<service>.rpc.<command>`, always replying (see rpc_handler)."""
+    """Subscribe each handler to `<service>.rpc.<command>`, always replying (see rpc_handler).
+
+    FastStream runs one message of a subscriber at a time, so one slow call (a storage
+    operation, a pool stopping) would hold up every other call of its kind. Each request is
+    therefore handled in its own task, and the reply published to its reply-to address from
+    there; up to RPC_CONCURRENCY at once, beyond which requests wait in the queue."""
     for command, handler in handlers.items():
-        broker.subscriber(names.rpc_queue(service, command))(rpc_handler(handler))
+        _subscribe_concurrently(broker, names.rpc_queue(service, command), handler)
+
+
+def _subscribe_concurrently(broker: RabbitBroker, queue: RabbitQueue, handler: Callable[..., Awaitable[Any]]) -> None:
+    parameter = next(iter(inspect.signature(handler).parameters.values()))
+    model = parameter.annotation
+    if isinstance(model, str):  # postponed annotations: resolve in the handler's module
+        model = inspect.get_annotations(handler, eval_str=True)[parameter.name]
+    reply = rpc_handler(handler)
+    running: set[asyncio.Task] = set()
+    gate: list[asyncio.Semaphore] = []  # made on first use, inside the running loop
+
+    async def answer(body: Any, reply_to: str, correlation_id: str | None) -> None:
+        try:
+            try:
+                request = model.model_validate(body)
+            except Exception as error:  # a malformed request from a caller: say so, never crash
+                result = RpcReply(error=Invalid(f"malformed request: {error}").to_info()).model_dump(mode="json")
+            else:
+                result = await reply(request)
+            await broker.publish(
+                json.dumps(result), routing_key=reply_to, correlation_id=correlation_id,
+                content_type="application/json",
+            )
+        except Exception:
+            log.exception("rpc.reply_failed", queue=queue.name)
+        finally:
+            gate[0].release()
+
+    @broker.subscriber(queue, no_reply=True)
+    async def receive(body: Any, message: RabbitMessage) -> None:
+        if not gate:
+            gate.append(asyncio.Semaphore(RPC_CONCURRENCY))
+        await gate[0].acquire()  # at the limit, stop taking messages until one finishes
+        if not message.reply_to:
+            gate[0].release()
+            return  # nobody waits for an answer
+        task = asyncio.create_task(answer(body, message.reply_to, message.correlation_id))
+        running.add(task)
+        task.add_done_callback(running.discard)
 
 
 class RpcClient:
