@@ -176,9 +176,50 @@ def test_the_step_can_be_run_and_timed_alone(checkpoint, dataset):
     trainer.release()
 
 
-def test_sdxl_is_refused(checkpoint, dataset, tmp_path):
-    with pytest.raises(ValueError, match="SDXL training is not supported yet"):
+def test_fm_type_must_match_the_base_model(checkpoint, dataset, tmp_path):
+    with pytest.raises(ValueError, match="fm_type: sd_xl does not match the base model"):
         train_lora(checkpoint, dataset, _config(fm_type="sd_xl"), tmp_path)
+
+
+SDXL_KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def test_an_sdxl_lora_is_trained_in_kohyas_sdxl_layout_and_changes_the_engines_images(dataset, tmp_path):
+    from services.inference.worker.engine import tiny
+
+    checkpoint = tiny.make_tiny_sdxl_checkpoint(tmp_path / "tiny-sdxl.safetensors", seed=0)
+    with pytest.raises(ValueError, match="fm_type: sd_1_5 does not match the base model, an SDXL"):
+        train_lora(checkpoint, dataset, _config(max_train_steps=1), tmp_path / "wrong")
+    config = _config(
+        fm_type="sd_xl", max_train_steps=5, learning_rate=1e-2, output_name="mine", train_text_encoder=True
+    )
+    result = train_lora(checkpoint, dataset, config, tmp_path / "out")
+    assert result.steps == 5 and all(math.isfinite(loss) for loss in result.losses)
+    tensors = load_file(str(result.final))
+    assert all(SDXL_KOHYA_KEY.match(key) for key in tensors), [k for k in tensors if not SDXL_KOHYA_KEY.match(k)]
+    modules = {key.split(".", 1)[0] for key in tensors}
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k" in modules
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj" in modules
+    with safe_open(str(result.final), framework="pt") as handle:
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+
+    engine = Engine(device="cpu")
+
+    def generate(prompt: str) -> Image.Image:
+        request = GenerationRequest.from_payload(
+            "txt2img", {"prompt": prompt, "steps": 3, "width": 64, "height": 64, "seed": 11}
+        )
+        result = engine.generate(request, ModelFiles(checkpoint=checkpoint, loras={"mine": lora}))
+        return Image.open(io.BytesIO(result.images[0])).convert("RGB")
+
+    def difference(first: Image.Image, second: Image.Image) -> int:
+        return max(high for _, high in ImageChops.difference(first, second).getextrema())
+
+    lora = result.final
+    plain = generate("a photo of a cat")
+    assert difference(plain, generate("<lora:mine:1> a photo of a cat")) > 10
+    assert difference(plain, generate("a photo of a cat")) == 0
 
 
 def test_an_empty_dataset_fails_before_training(checkpoint, tmp_path):

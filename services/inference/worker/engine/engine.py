@@ -22,7 +22,13 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 from services.inference.worker.engine.infotext import VERSION, infotext, png_with_parameters
@@ -148,17 +154,22 @@ class Engine:
         loaded = self._checkpoint(models.checkpoint)
         base = loaded.pipeline
         vae = self._vae(vae_file, loaded) if vae_file else base.vae
-        pipeline_class = (
-            StableDiffusionImg2ImgPipeline if request.task == "img2img" else StableDiffusionPipeline
-        )
-        pipe = pipeline_class(
-            **{
-                **base.components,
-                "vae": vae,
-                "scheduler": sampler.make_scheduler(base.scheduler.config),
-            },
-            requires_safety_checker=False,
-        )
+        components = {
+            **base.components,
+            "vae": vae,
+            "scheduler": sampler.make_scheduler(base.scheduler.config),
+        }
+        if loaded.architecture.is_sdxl:
+            # original_size / target_size / crops are left to diffusers' defaults (the image size)
+            pipeline_class = (
+                StableDiffusionXLImg2ImgPipeline if request.task == "img2img" else StableDiffusionXLPipeline
+            )
+            pipe = pipeline_class(**components, add_watermarker=False)
+        else:
+            pipeline_class = (
+                StableDiffusionImg2ImgPipeline if request.task == "img2img" else StableDiffusionPipeline
+            )
+            pipe = pipeline_class(**components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
 
         # Filled as they are applied, so that a failure half-way still removes what was added.

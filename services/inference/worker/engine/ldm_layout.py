@@ -16,6 +16,9 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+# SDXL (the SGM layout): CLIP ViT-L under `transformer.`, OpenCLIP ViT-bigG under `model.`
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -31,6 +34,9 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's size and pooled-text conditioning
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _VAE_ATTENTION = {
     "group_norm": "norm",
@@ -166,4 +172,57 @@ def sd_checkpoint(
     checkpoint[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(
         context_length, dtype=torch.int64
     )[None]
+    return {key: tensor.contiguous() for key, tensor in checkpoint.items()}
+
+
+def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModelWithProjection weights -> OpenCLIP's text tower keys (SDXL's second encoder,
+    under `conditioner.embedders.1.model.`): fused q/k/v `in_proj`, `resblocks`, `ln_final` and
+    a transposed `text_projection` matrix."""
+    flat = {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()}
+    out: dict[str, torch.Tensor] = {
+        "token_embedding.weight": flat["embeddings.token_embedding.weight"],
+        "positional_embedding": flat["embeddings.position_embedding.weight"],
+        "ln_final.weight": flat["final_layer_norm.weight"],
+        "ln_final.bias": flat["final_layer_norm.bias"],
+        "text_projection": flat["text_projection.weight"].T.contiguous(),
+    }
+    layers = sorted({int(m[1]) for key in flat if (m := re.match(r"encoder\.layers\.(\d+)\.", key))})
+    for layer in layers:
+        src, dst = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [flat[f"{src}self_attn.{name}_proj.{kind}"] for name in ("q", "k", "v")]
+            )
+            out[f"{dst}attn.out_proj.{kind}"] = flat[f"{src}self_attn.out_proj.{kind}"]
+            out[f"{dst}ln_1.{kind}"] = flat[f"{src}layer_norm1.{kind}"]
+            out[f"{dst}ln_2.{kind}"] = flat[f"{src}layer_norm2.{kind}"]
+            out[f"{dst}mlp.c_fc.{kind}"] = flat[f"{src}mlp.fc1.{kind}"]
+            out[f"{dst}mlp.c_proj.{kind}"] = flat[f"{src}mlp.fc2.{kind}"]
+    return out
+
+
+def sdxl_checkpoint(
+    *,
+    unet: Mapping[str, torch.Tensor],
+    unet_config: Mapping,
+    vae: Mapping[str, torch.Tensor],
+    vae_config: Mapping,
+    text_encoder: Mapping[str, torch.Tensor],
+    text_encoder_2: Mapping[str, torch.Tensor],
+    context_length: int,
+) -> dict[str, torch.Tensor]:
+    """The four models as one SDXL single-file state dict (the SGM layout)."""
+    checkpoint: dict[str, torch.Tensor] = {}
+    for key, tensor in unet_to_ldm(unet, unet_config).items():
+        checkpoint[UNET_PREFIX + key] = tensor
+    for key, tensor in vae_to_ldm(vae, vae_config).items():
+        checkpoint[VAE_PREFIX + key] = tensor
+    for key, tensor in text_encoder_to_ldm(text_encoder).items():
+        checkpoint[SDXL_TEXT_ENCODER_PREFIX + key] = tensor
+    checkpoint[SDXL_TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(
+        context_length, dtype=torch.int64
+    )[None]
+    for key, tensor in open_clip_to_ldm(text_encoder_2).items():
+        checkpoint[SDXL_TEXT_ENCODER_2_PREFIX + key] = tensor
     return {key: tensor.contiguous() for key, tensor in checkpoint.items()}

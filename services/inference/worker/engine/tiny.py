@@ -8,6 +8,7 @@ the full-size architecture with random weights, for speed measurements.
 
     python -m services.inference.worker.engine.tiny --out tiny.safetensors [--seed N]
     python -m services.inference.worker.engine.tiny --out sd15.safetensors --full-size
+    python -m services.inference.worker.engine.tiny --out tiny-sdxl.safetensors --sdxl
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from services.inference.worker.engine import ldm_layout
-from services.inference.worker.engine.configs import SD15_CONFIGS, read_config
-from services.inference.worker.engine.loading import TINY_METADATA_KEY, tiny_metadata
+from services.inference.worker.engine.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
+from services.inference.worker.engine.loading import TINY_METADATA_KEY, TINY_SDXL_METADATA_KEY, tiny_metadata
 
 CONTEXT_LENGTH = 77
 
@@ -152,6 +153,79 @@ def make_tiny_checkpoint(out_path: str | Path, seed: int = 0) -> Path:
     return _save(checkpoint, out_path, {TINY_METADATA_KEY: json.dumps(metadata)})
 
 
+def tiny_sdxl_configs(vocab_size: int) -> dict[str, dict]:
+    """The tiny SDXL architecture: SDXL's shape (no attention in the top level, text-time added
+    conditioning, two text encoders whose penultimate states are concatenated, the second with a
+    projection for the pooled embedding) with tiny widths."""
+    base = tiny_configs(vocab_size)
+    text_encoder_2 = {
+        **base["text_encoder"],
+        "architectures": ["CLIPTextModelWithProjection"],
+        "hidden_act": "gelu",
+        "pad_token_id": 0,
+    }
+    addition_time_embed_dim = 8
+    unet = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2],
+        "cross_attention_dim": base["text_encoder"]["hidden_size"] + text_encoder_2["hidden_size"],
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": text_encoder_2["projection_dim"] + 6 * addition_time_embed_dim,
+        "norm_num_groups": 32,
+    }
+    vae = {**base["vae"], "scaling_factor": 0.13025}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": base["text_encoder"],
+        "text_encoder_2": text_encoder_2,
+        "scheduler": read_config(SDXL_CONFIGS / "scheduler" / "scheduler_config.json"),
+    }
+
+
+def tiny_sdxl_models(seed: int = 0):
+    """The tiny SDXL UNet, VAE and two text encoders that `make_tiny_sdxl_checkpoint` saves."""
+    configs = tiny_sdxl_configs(512 + len(tiny_tokenizer_merges()) + 2)
+    unet, vae, text_encoder = _random_models(configs, seed)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+    return unet, vae, text_encoder, text_encoder_2
+
+
+def make_tiny_sdxl_checkpoint(out_path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL-shaped checkpoint (original SGM key layout) with random weights; its
+    configs and tokenizer travel in the metadata, as for `make_tiny_checkpoint`."""
+    merges = tiny_tokenizer_merges()
+    unet, vae, text_encoder, text_encoder_2 = tiny_sdxl_models(seed)
+    metadata = {
+        "unet": json.loads(unet.to_json_string()),
+        "vae": json.loads(vae.to_json_string()),
+        "text_encoder": json.loads(text_encoder.config.to_json_string()),
+        "text_encoder_2": json.loads(text_encoder_2.config.to_json_string()),
+        "scheduler": read_config(SDXL_CONFIGS / "scheduler" / "scheduler_config.json"),
+        "tokenizer": {"merges": merges, "model_max_length": CONTEXT_LENGTH},
+    }
+    checkpoint = ldm_layout.sdxl_checkpoint(
+        unet=unet.state_dict(),
+        unet_config=unet.config,
+        vae=vae.state_dict(),
+        vae_config=vae.config,
+        text_encoder=text_encoder.state_dict(),
+        text_encoder_2=text_encoder_2.state_dict(),
+        context_length=CONTEXT_LENGTH,
+    )
+    return _save(checkpoint, out_path, {TINY_SDXL_METADATA_KEY: json.dumps(metadata)})
+
+
 def make_sd15_checkpoint(out_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """Write a full-size Stable Diffusion 1.5 checkpoint (about 2 GB in fp16) with random
     weights, for load and speed measurements; it needs no metadata, like a user's file."""
@@ -182,7 +256,12 @@ def make_tiny_lora(base_checkpoint: str | Path, out_path: str | Path, seed: int 
         raise ValueError(f"{base_checkpoint} is not a tiny checkpoint")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(metadata["unet"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**metadata["text_encoder"]))
+    text_encoders = [("lora_te", CLIPTextModel(CLIPTextConfig(**metadata["text_encoder"])))]
+    if "text_encoder_2" in metadata:  # SDXL: kohya numbers the two encoders
+        text_encoders = [
+            ("lora_te1", text_encoders[0][1]),
+            ("lora_te2", CLIPTextModelWithProjection(CLIPTextConfig(**metadata["text_encoder_2"]))),
+        ]
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
 
@@ -197,16 +276,17 @@ def make_tiny_lora(base_checkpoint: str | Path, out_path: str | Path, seed: int 
     for module_name, module in unet.named_modules():
         if re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", module_name):
             add("lora_unet", module_name, module)
-    for module_name, module in text_encoder.named_modules():
-        if isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in {
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "out_proj",
-        }:
-            # kohya names text encoder modules from the `text_model` level
-            full_name = module_name if module_name.startswith("text_model.") else f"text_model.{module_name}"
-            add("lora_te", full_name, module)
+    for prefix, text_encoder in text_encoders:
+        for module_name, module in text_encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in {
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "out_proj",
+            }:
+                # kohya names text encoder modules from the `text_model` level
+                full_name = module_name if module_name.startswith("text_model.") else f"text_model.{module_name}"
+                add(prefix, full_name, module)
     return _save(tensors, out_path, {"ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
 
 
@@ -249,8 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-size", action="store_true", help="SD 1.5's real size (fp16, ~2 GB)")
+    parser.add_argument("--sdxl", action="store_true", help="the tiny SDXL-shaped model")
     args = parser.parse_args(argv)
-    if args.full_size:
+    if args.sdxl:
+        path = make_tiny_sdxl_checkpoint(args.out, seed=args.seed)
+    elif args.full_size:
         path = make_sd15_checkpoint(args.out, seed=args.seed)
     else:
         path = make_tiny_checkpoint(args.out, seed=args.seed)

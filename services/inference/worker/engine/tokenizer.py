@@ -59,7 +59,7 @@ def vocabulary_from_merges(merges: list[tuple[str, str]]) -> dict[str, int]:
 
 
 def build_clip_tokenizer(
-    merges: list[tuple[str, str]], model_max_length: int = CLIP_CONTEXT_LENGTH
+    merges: list[tuple[str, str]], model_max_length: int = CLIP_CONTEXT_LENGTH, pad_token: str = END
 ) -> CLIPTokenizer:
     # With transformers 5 the file-path form (`vocab_file=`) silently yields an empty tokenizer;
     # the in-memory form is the one that works.
@@ -67,6 +67,7 @@ def build_clip_tokenizer(
         vocab=vocabulary_from_merges(merges),
         merges=[tuple(pair) for pair in merges],
         model_max_length=model_max_length,
+        pad_token=pad_token,
     )
 
 
@@ -88,17 +89,29 @@ def clip_merges_file() -> Path:
 @cache
 def sd15_tokenizer() -> CLIPTokenizer:
     """The tokenizer of Stable Diffusion 1.x (OpenAI CLIP ViT-L/14), 49408 tokens, 77 positions."""
+    return _full_clip_tokenizer(END)
+
+
+@cache
+def sdxl_tokenizer_2() -> CLIPTokenizer:
+    """SDXL's second tokenizer (OpenCLIP bigG): the same BPE, padded with "!" (id 0)."""
+    return _full_clip_tokenizer("!")
+
+
+def _full_clip_tokenizer(pad_token: str) -> CLIPTokenizer:
     lines = gzip.decompress(clip_merges_file().read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + CLIP_MERGES]]
-    tokenizer = build_clip_tokenizer(merges)  # type: ignore[arg-type]
+    tokenizer = build_clip_tokenizer(merges, pad_token=pad_token)  # type: ignore[arg-type]
     if len(tokenizer) != 49408:
         raise TokenizerUnavailable(f"the CLIP merges file gave {len(tokenizer)} tokens, not 49408")
     return tokenizer
 
 
-def tokenizer_from_json(text: str) -> CLIPTokenizer:
+def tokenizer_from_json(text: str, pad_token: str = END) -> CLIPTokenizer:
     """A tiny model's tokenizer, as `tiny_tokenizer_json` stored it."""
     data = json.loads(text)
     return build_clip_tokenizer(
-        [tuple(pair) for pair in data["merges"]], data.get("model_max_length", CLIP_CONTEXT_LENGTH)
+        [tuple(pair) for pair in data["merges"]],
+        data.get("model_max_length", CLIP_CONTEXT_LENGTH),
+        pad_token=pad_token,
     )

@@ -27,21 +27,37 @@ from services.training.worker.trainer.dataset import TrainingImage
 ADAPTER = "default"
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
+# SDXL: kohya numbers its two text encoders
+SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def lora_tensors(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, *, alpha: float, dtype: torch.dtype
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    *,
+    alpha: float,
+    dtype: torch.dtype,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The LoRA layers peft added to the UNet (and the text encoder), under kohya's names."""
+    """The LoRA layers peft added to the UNet (and the text encoders), under kohya's names:
+    `lora_te_` for SD 1.x's text encoder, `lora_te1_`/`lora_te2_` for SDXL's two."""
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, model in ((UNET_PREFIX, unet), (TEXT_ENCODER_PREFIX, text_encoder)):
+    if text_encoder_2 is not None:
+        models = (
+            (UNET_PREFIX, unet),
+            (SDXL_TEXT_ENCODER_PREFIXES[0], text_encoder),
+            (SDXL_TEXT_ENCODER_PREFIXES[1], text_encoder_2),
+        )
+    else:
+        models = ((UNET_PREFIX, unet), (TEXT_ENCODER_PREFIX, text_encoder))
+    for prefix, model in models:
         if model is None:
             continue
         for module_name, module in model.named_modules():
             if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
                 continue
-            if prefix == TEXT_ENCODER_PREFIX and not module_name.startswith("text_model."):
+            if prefix != UNET_PREFIX and not module_name.startswith("text_model."):
                 # kohya names text encoder modules from CLIPTextModel's `text_model` level,
                 # which recent transformers versions fold away
                 module_name = f"text_model.{module_name}"
@@ -79,12 +95,13 @@ def training_metadata(
         tags = tag_frequency.setdefault(folder, Counter())
         tags.update(tag.strip() for tag in image.caption.split(",") if tag.strip())
     width, height = config.resolution
+    sdxl = config.fm_type == "sd_xl"
     return {
         "ss_session_id": str(session_id),
         "ss_training_started_at": str(started_at),
         "ss_output_name": config.output_name,
         "ss_sd_model_name": base_model.name,
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
         "ss_v2": "False",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.network_dim),
@@ -118,7 +135,7 @@ def training_metadata(
         "ss_tag_frequency": json.dumps({folder: dict(tags) for folder, tags in tag_frequency.items()}),
         "ss_training_comment": "trained by esd-platform",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": config.output_name,
         "modelspec.resolution": f"{width}x{height}",

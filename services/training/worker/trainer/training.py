@@ -1,4 +1,4 @@
-"""LoRA training of a Stable Diffusion 1.x checkpoint on a kohya dataset folder.
+"""LoRA training of a Stable Diffusion 1.x or SDXL checkpoint on a kohya dataset folder.
 
 The base model is loaded through the inference engine's loader (the same single-file
 checkpoints, no hub). peft adds LoRA layers to the UNet's attention projections (and, if asked,
@@ -75,8 +75,6 @@ class Trainer:
     `step()` may be called past `steps` (the data keeps cycling), e.g. to time it."""
 
     def __init__(self, base_checkpoint: Path, dataset_dir: Path, config: TrainingConfig, *, device: str = "cpu"):
-        if config.fm_type == "sd_xl":
-            raise ValueError("fm_type: SDXL training is not supported yet; only Stable Diffusion 1.x (sd_1_5)")
         self.base_checkpoint = Path(base_checkpoint)
         self.dataset_dir = Path(dataset_dir)
         self.config = config
@@ -112,15 +110,30 @@ class Trainer:
             )
 
         loaded = load_checkpoint(self.base_checkpoint, device=self.device, dtype=self.weight_dtype)
+        self.sdxl = loaded.architecture.is_sdxl
+        if self.sdxl != (config.fm_type == "sd_xl"):
+            found = "an SDXL" if self.sdxl else "a Stable Diffusion 1.x"
+            raise ValueError(f"fm_type: {config.fm_type} does not match the base model, {found} checkpoint")
         pipeline = loaded.pipeline
         self.unet = pipeline.unet
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
-        for model in (self.unet, self.text_encoder, pipeline.vae):
-            model.requires_grad_(False)
+        # SDXL: the second (OpenCLIP bigG) encoder, whose pooled projection conditions the UNet too
+        self.text_encoder_2 = pipeline.text_encoder_2 if self.sdxl else None
+        self.tokenizer_2 = pipeline.tokenizer_2 if self.sdxl else None
+        for model in (self.unet, self.text_encoder, self.text_encoder_2, pipeline.vae):
+            if model is not None:
+                model.requires_grad_(False)
         layers = self.text_encoder.config.num_hidden_layers
         if config.clip_skip > layers:
             raise ValueError(f"clip_skip: {config.clip_skip} is more than the text encoder's {layers} layers")
+        if self.sdxl:
+            # (original size, crop top-left, target size) as SDXL's micro-conditioning wants them:
+            # the training resolution, uncropped (diffusers' defaults at generation time)
+            width, height = config.resolution
+            self._time_ids = torch.tensor(
+                [[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.device
+            )
         self._autocast = (
             (lambda: torch.autocast(device_type=self.device.type, dtype=self.weight_dtype))
             if self.weight_dtype != torch.float32
@@ -160,14 +173,20 @@ class Trainer:
         resolution = self.config.resolution
         latents = []
         enlarged = 0
+        # SDXL's VAE overflows in fp16 (its config says `force_upcast`): encode in fp32 then
+        vae_dtype = self.weight_dtype
+        if self.weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae_dtype = torch.float32
+            vae.to(vae_dtype)
+        autocast = self._autocast if vae_dtype == self.weight_dtype else contextlib.nullcontext
         for start in range(0, len(self.images), _ENCODE_BATCH):
             pixels = []
             for image in self.images[start : start + _ENCODE_BATCH]:
                 tensor, was_enlarged = load_pixels(image, resolution)
                 pixels.append(tensor)
                 enlarged += was_enlarged
-            batch = torch.stack(pixels).to(self.device, self.weight_dtype)
-            with torch.no_grad(), self._autocast():
+            batch = torch.stack(pixels).to(self.device, vae_dtype)
+            with torch.no_grad(), autocast():
                 # The mean, not a sample: one sample drawn once and reused is no augmentation.
                 encoded = vae.encode(batch).latent_dist.mode()
             latents.append(encoded.float() * vae.config.scaling_factor)
@@ -187,39 +206,70 @@ class Trainer:
             torch.manual_seed(self.seed)
             inject_adapter_in_model(LoraConfig(target_modules=UNET_TARGETS, **lora), self.unet)
             if config.train_text_encoder:
-                inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **lora), self.text_encoder)
+                for text_encoder in self._text_encoders():
+                    inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **lora), text_encoder)
         self.unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
         self.text_encoder_parameters = (
-            [p for p in self.text_encoder.parameters() if p.requires_grad] if config.train_text_encoder else []
+            [p for text_encoder in self._text_encoders() for p in text_encoder.parameters() if p.requires_grad]
+            if config.train_text_encoder
+            else []
         )
         for parameter in (*self.unet_parameters, *self.text_encoder_parameters):
             parameter.data = parameter.data.float()  # trained in fp32 whatever the base model's dtype
         self.unet.train()
         if config.train_text_encoder:
-            self.text_encoder.train()
+            for text_encoder in self._text_encoders():
+                text_encoder.train()
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if config.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
+                for text_encoder in self._text_encoders():
+                    text_encoder.gradient_checkpointing_enable()
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
     def _cache_captions(self) -> None:
         captions = list(dict.fromkeys(image.caption for image in self.images))
         index = {caption: position for position, caption in enumerate(captions)}
         self._image_caption = torch.tensor([index[image.caption] for image in self.images], device=self.device)
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        tokenizers = [self.tokenizer] + ([self.tokenizer_2] if self.sdxl else [])
+        # one row per caption: the ids of each tokenizer side by side
+        ids = torch.cat(
+            [
+                tokenizer(
+                    captions,
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids
+                for tokenizer in tokenizers
+            ],
+            dim=1,
+        ).to(self.device)
+        self._caption_pooled = None
         if self.config.train_text_encoder:
             self._caption_ids = ids
             self._caption_states = None
             return
         with torch.no_grad(), self._autocast():
-            states = [self._encode_text(chunk) for chunk in ids.split(_ENCODE_BATCH)]
-        self._caption_states = torch.cat(states)
+            encoded = [self._encode_captions(chunk) for chunk in ids.split(_ENCODE_BATCH)]
+        self._caption_states = torch.cat([states for states, _ in encoded])
+        if self.sdxl:
+            self._caption_pooled = torch.cat([pooled for _, pooled in encoded])
+
+    def _encode_captions(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the UNet's cross-attention states, SDXL's pooled text embedding or None)."""
+        if not self.sdxl:
+            return self._encode_text(ids), None
+        first, second = ids.split(ids.shape[1] // 2, dim=1)
+        # As SDXL was trained and its pipeline generates: both encoders' penultimate layer
+        # (clip_skip moves further back), concatenated; the pooled projection of the second.
+        layer = -(self.config.clip_skip + 1)
+        states_1 = self.text_encoder(first, output_hidden_states=True).hidden_states[layer]
+        output_2 = self.text_encoder_2(second, output_hidden_states=True)
+        return torch.cat([states_1, output_2.hidden_states[layer]], dim=-1), output_2.text_embeds
 
     def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         if self.config.clip_skip == 1:
@@ -325,8 +375,9 @@ class Trainer:
         captions = self._image_caption[images]
         if self._caption_states is not None:
             states = self._caption_states[captions]
+            pooled = self._caption_pooled[captions] if self._caption_pooled is not None else None
         else:
-            states = self._encode_text(self._caption_ids[captions])
+            states, pooled = self._encode_captions(self._caption_ids[captions])
         noise = torch.randn(latents.shape, generator=self._noise, device=self.device)
         if self.config.noise_offset:
             offset = torch.randn((*latents.shape[:2], 1, 1), generator=self._noise, device=self.device)
@@ -336,7 +387,13 @@ class Trainer:
         spread = self._sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
         noisy = signal * latents + spread * noise
         target = signal * noise - spread * latents if self._v_prediction else noise
-        prediction = self.unet(noisy, timesteps, states, return_dict=False)[0]
+        added = None
+        if self.sdxl:
+            added = {
+                "text_embeds": pooled.to(states.dtype),
+                "time_ids": self._time_ids.expand(latents.shape[0], -1).to(states.dtype),
+            }
+        prediction = self.unet(noisy, timesteps, states, added_cond_kwargs=added, return_dict=False)[0]
         return F.mse_loss(prediction.float(), target, reduction="mean")
 
     @property
@@ -349,9 +406,11 @@ class Trainer:
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA as it stands, in kohya's layout and the configured save precision."""
+        train_text = self.config.train_text_encoder
         return kohya_format.lora_tensors(
             self.unet,
-            self.text_encoder if self.config.train_text_encoder else None,
+            self.text_encoder if train_text else None,
+            text_encoder_2=self.text_encoder_2 if train_text else None,
             alpha=self.config.alpha,
             dtype=kohya_format.SAVE_DTYPES[self.config.save_precision],
         )
@@ -366,7 +425,16 @@ class Trainer:
 
     def release(self) -> None:
         """Drop the models, and give their memory back to the device."""
-        for name in ("unet", "text_encoder", "optimizer", "latents", "_caption_states", "_plan"):
+        for name in (
+            "unet",
+            "text_encoder",
+            "text_encoder_2",
+            "optimizer",
+            "latents",
+            "_caption_states",
+            "_caption_pooled",
+            "_plan",
+        ):
             self.__dict__.pop(name, None)
         self._prepared = False
         gc.collect()

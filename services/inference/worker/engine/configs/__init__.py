@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 SD15_CONFIGS = Path(__file__).parent / "sd15"
+SDXL_CONFIGS = Path(__file__).parent / "sdxl"
 
 
 def read_config(path: Path) -> dict:
