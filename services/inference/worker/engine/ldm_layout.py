@@ -159,17 +159,19 @@ def sd_checkpoint(
     vae_config: Mapping,
     text_encoder: Mapping[str, torch.Tensor],
     context_length: int,
+    text_encoder_prefix: str = TEXT_ENCODER_PREFIX,
 ) -> dict[str, torch.Tensor]:
-    """The three models as one Stable Diffusion 1.x single-file state dict."""
+    """The three models as one Stable Diffusion 1.x single-file state dict (SDXL puts the same
+    first text encoder under another prefix)."""
     checkpoint: dict[str, torch.Tensor] = {}
     for key, tensor in unet_to_ldm(unet, unet_config).items():
         checkpoint[UNET_PREFIX + key] = tensor
     for key, tensor in vae_to_ldm(vae, vae_config).items():
         checkpoint[VAE_PREFIX + key] = tensor
     for key, tensor in text_encoder_to_ldm(text_encoder).items():
-        checkpoint[TEXT_ENCODER_PREFIX + key] = tensor
+        checkpoint[text_encoder_prefix + key] = tensor
     # Real checkpoints carry this buffer (older transformers saved it); keep the files alike.
-    checkpoint[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(
+    checkpoint[text_encoder_prefix + "text_model.embeddings.position_ids"] = torch.arange(
         context_length, dtype=torch.int64
     )[None]
     return {key: tensor.contiguous() for key, tensor in checkpoint.items()}
@@ -213,16 +215,11 @@ def sdxl_checkpoint(
     context_length: int,
 ) -> dict[str, torch.Tensor]:
     """The four models as one SDXL single-file state dict (the SGM layout)."""
-    checkpoint: dict[str, torch.Tensor] = {}
-    for key, tensor in unet_to_ldm(unet, unet_config).items():
-        checkpoint[UNET_PREFIX + key] = tensor
-    for key, tensor in vae_to_ldm(vae, vae_config).items():
-        checkpoint[VAE_PREFIX + key] = tensor
-    for key, tensor in text_encoder_to_ldm(text_encoder).items():
-        checkpoint[SDXL_TEXT_ENCODER_PREFIX + key] = tensor
-    checkpoint[SDXL_TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(
-        context_length, dtype=torch.int64
-    )[None]
+    checkpoint = sd_checkpoint(
+        unet=unet, unet_config=unet_config, vae=vae, vae_config=vae_config,
+        text_encoder=text_encoder, context_length=context_length,
+        text_encoder_prefix=SDXL_TEXT_ENCODER_PREFIX,
+    )
     for key, tensor in open_clip_to_ldm(text_encoder_2).items():
-        checkpoint[SDXL_TEXT_ENCODER_2_PREFIX + key] = tensor
-    return {key: tensor.contiguous() for key, tensor in checkpoint.items()}
+        checkpoint[SDXL_TEXT_ENCODER_2_PREFIX + key] = tensor.contiguous()
+    return checkpoint

@@ -284,21 +284,23 @@ def load_text_encoder(
     """The CLIP text encoder under `cond_stage_model.transformer.` (SDXL:
     `conditioner.embedders.0.transformer.`), loaded strictly."""
     model = CLIPTextModel(CLIPTextConfig(**config))
+    named = {key[len(prefix) :]: tensor for key, tensor in state.items() if key.startswith(prefix)}
+    return _load_text_model(model, named, "text encoder", dtype)
+
+
+def _load_text_model(model, named: Mapping[str, torch.Tensor], what: str, dtype: torch.dtype):
+    """Load a CLIP text model strictly from weights named with or without the `text_model.`
+    level (recent transformers flatten CLIPTextModel; checkpoints have it)."""
     wanted = model.state_dict().keys()
     weights = {}
-    for key, tensor in state.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
+    for name, tensor in named.items():
         if name not in wanted:
-            name = name.removeprefix("text_model.")  # recent transformers flatten CLIPTextModel
+            name = name.removeprefix("text_model.")
         if name in wanted:
             weights[name] = tensor
     missing = sorted(set(wanted) - weights.keys())
     if missing:
-        raise UnsupportedCheckpoint(
-            f"the checkpoint's text encoder lacks {len(missing)} weights, e.g. {missing[:3]}"
-        )
+        raise UnsupportedCheckpoint(f"the checkpoint's {what} lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.load_state_dict(weights, strict=True)
     return model.to(dtype).eval()
 
@@ -310,20 +312,7 @@ def load_text_encoder_2(
     diffusers' OpenCLIP mapping and loaded strictly."""
     model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
     converted = convert_open_clip_checkpoint(model, state, prefix=ldm_layout.SDXL_TEXT_ENCODER_2_PREFIX)
-    wanted = model.state_dict().keys()
-    weights = {}
-    for name, tensor in converted.items():
-        if name not in wanted:
-            name = name.removeprefix("text_model.")
-        if name in wanted:
-            weights[name] = tensor
-    missing = sorted(set(wanted) - weights.keys())
-    if missing:
-        raise UnsupportedCheckpoint(
-            f"the checkpoint's second text encoder lacks {len(missing)} weights, e.g. {missing[:3]}"
-        )
-    model.load_state_dict(weights, strict=True)
-    return model.to(dtype).eval()
+    return _load_text_model(model, converted, "second text encoder", dtype)
 
 
 def load_vae(
