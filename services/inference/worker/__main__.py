@@ -37,6 +37,7 @@ from shared.contracts.inference import (
     WorkerHeartbeat,
     queue_of,
 )
+from shared.jobs import JobError, go_ahead, run_and_report
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, RpcClient, create_broker, declare_work_queue
 from shared.service import run
@@ -47,10 +48,6 @@ log = structlog.get_logger(__name__)
 
 RUNNABLE = ("txt2img", "img2img")
 PROGRESS_EVERY_SECONDS = 0.25
-
-
-class JobError(Exception):
-    """A job that cannot succeed: its message becomes the job's failure reason."""
 
 
 class Worker:
@@ -125,11 +122,9 @@ class Worker:
     async def handle(self, run: RunInference) -> None:
         structlog.contextvars.bind_contextvars(inference_id=run.inference_id)
         try:
-            try:
-                decision = await self.rpc.call(SERVICE, "job_started", JobStarted(inference_id=run.inference_id, worker_id=self.worker_id), JobStartDecision)
-            except Exception:
-                await asyncio.sleep(2)  # the service is away: put the job back and try later
-                raise
+            decision = await go_ahead(lambda: self.rpc.call(
+                SERVICE, "job_started", JobStarted(inference_id=run.inference_id, worker_id=self.worker_id), JobStartDecision
+            ))
             if not decision.run:
                 log.info("worker.job_skipped", reason=decision.reason)
                 return
@@ -137,18 +132,15 @@ class Worker:
             await self._beat()
             started = time.perf_counter()
             self.phases = {}
-            try:
-                image_names, info = await self._run(run)
-            except JobError as error:
-                await self._report_failure(run, str(error))
-            except Exception as error:
-                log.exception("worker.job_crashed")
-                await self._report_failure(run, f"{type(error).__name__}: {error}")
-            else:
+
+            async def succeeded(outcome: tuple[list[str], dict]) -> None:
+                image_names, info = outcome
                 await self.rpc.call(SERVICE, "job_succeeded", JobSucceeded(
                     inference_id=run.inference_id, worker_id=self.worker_id, image_names=image_names, info=info,
                 ))
                 log.info("worker.job_done", images=len(image_names), seconds=round(time.perf_counter() - started, 3), **self.phases)
+
+            await run_and_report(lambda: self._run(run), succeeded=succeeded, failed=lambda error: self._report_failure(run, error))
         finally:
             self.state = "ready"
             structlog.contextvars.unbind_contextvars("inference_id")

@@ -33,6 +33,7 @@ from shared.contracts.training import (
     TrainingStarted,
     TrainLora,
 )
+from shared.jobs import JobError, go_ahead, run_and_report
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, RpcClient, create_broker, declare_work_queue
 from shared.service import run
@@ -42,10 +43,6 @@ from shared.storage import ObjectStore
 log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY_SECONDS = 1.0
-
-
-class JobError(Exception):
-    """A training that cannot succeed: its message becomes the failure reason."""
 
 
 class TrainingWorker:
@@ -81,23 +78,17 @@ class TrainingWorker:
     async def handle(self, job: TrainLora) -> None:
         structlog.contextvars.bind_contextvars(training_id=job.training_id)
         try:
-            try:
-                decision = await self.rpc.call(SERVICE, "job_started", TrainingStarted(training_id=job.training_id, worker_id=self.worker_id), TrainingDecision)
-            except Exception:
-                await asyncio.sleep(2)  # the service is away: put the job back and try later
-                raise
+            decision = await go_ahead(lambda: self.rpc.call(
+                SERVICE, "job_started", TrainingStarted(training_id=job.training_id, worker_id=self.worker_id), TrainingDecision
+            ))
             if not decision.run:
                 log.info("training_worker.skipped", reason=decision.reason)
                 return
-            try:
-                done = await self._train(job)
-            except JobError as error:
-                await self._fail(job, str(error))
-            except Exception as error:
-                log.exception("training_worker.crashed")
-                await self._fail(job, f"{type(error).__name__}: {error}")
-            else:
+
+            async def succeeded(done: TrainingDone) -> None:
                 await self.rpc.call(SERVICE, "job_done", done, timeout=180)
+
+            await run_and_report(lambda: self._train(job), succeeded=succeeded, failed=lambda error: self._fail(job, error))
         finally:
             structlog.contextvars.unbind_contextvars("training_id")
 
