@@ -1,11 +1,10 @@
 """RabbitMQ through FastStream: the one place that names exchanges and queues, builds the
-broker, and carries request/reply (RPC) and events.
+broker, and carries events and work.
 
-- RPC: the gateway calls `<prefix><service>.rpc.<command>` with `broker.request` (direct
-  reply-to). Requests expire after the timeout, so a service that comes back late never acts on
-  a command whose caller has given up. Replies are `RpcReply`: a result or an `ErrorInfo`.
 - Events: past-tense models published persistently on the topic exchange `esd.events` with
   routing key `<domain>.<event>`; users bind their own queues there.
+- Work: commands that start long work go to durable queues with a dead-letter queue.
+- Request/reply (RPC) lives in `shared/rpc.py`.
 """
 
 from __future__ import annotations
@@ -51,9 +50,6 @@ class Names:
             f"{self.prefix}{EVENTS_EXCHANGE}", type=ExchangeType.TOPIC, durable=True
         )
 
-    def rpc_queue(self, service: str, command: str) -> RabbitQueue:
-        return RabbitQueue(f"{self.prefix}{service}.rpc.{command}", durable=True)
-
     @property
     def dead_letters(self) -> RabbitExchange:
         return RabbitExchange(
@@ -72,6 +68,11 @@ class Names:
                 "x-dead-letter-routing-key": f"{self.prefix}{name}",
             },
         )
+
+    def heartbeat_queue(self, name: str) -> RabbitQueue:
+        """Where a pool's workers beat: a beat older than 30 s says nothing any more, so the
+        queue drops it (no dead letters)."""
+        return RabbitQueue(f"{self.prefix}{name}", durable=True, arguments={"x-message-ttl": 30_000})
 
     def dead_letter_queue(self, name: str) -> RabbitQueue:
         return RabbitQueue(
@@ -133,129 +134,6 @@ class QueueDepths:
     async def close(self) -> None:
         if self.connection is not None:
             await self.connection.close()
-
-
-class RpcReply(BaseModel):
-    result: Any = None
-    error: ErrorInfo | None = None
-
-
-def rpc_handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[dict]]:
-    """Wrap a subscriber so that it always replies: its result, or the domain error it raised,
-    or an internal error (logged here with its stack; the caller sees no stack trace)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> dict:
-        try:
-            result = await fn(*args, **kwargs)
-        except EsdError as error:
-            return RpcReply(error=error.to_info()).model_dump(mode="json")
-        except Exception:
-            log.exception("rpc.failed", handler=fn.__name__)
-            internal = Internal("internal error, see the service log")
-            return RpcReply(error=internal.to_info()).model_dump(mode="json")
-        if isinstance(result, BaseModel):
-            result = result.model_dump(mode="json")
-        return {"result": result}
-
-    # FastStream reads the signature to parse the message and to validate the return value:
-    # the parameters are the handler's, the return is the reply envelope.
-    wrapper.__signature__ = inspect.signature(fn).replace(return_annotation=dict)  # type: ignore[attr-defined]
-    return wrapper
-
-
-RPC_CONCURRENCY = 64  # requests of one command a service replica works on at once
-
-
-def register_rpc(
-    broker: RabbitBroker,
-    names: Names,
-    service: str,
-    handlers: dict[str, Callable[..., Awaitable[Any]]],
-) -> None:
-    """Subscribe each handler to `<service>.rpc.<command>`, always replying (see rpc_handler).
-
-    FastStream runs one message of a subscriber at a time, so one slow call (a storage
-    operation, a pool stopping) would hold up every other call of its kind. Each request is
-    therefore handled in its own task, and the reply published to its reply-to address from
-    there; up to RPC_CONCURRENCY at once, beyond which requests wait in the queue."""
-    for command, handler in handlers.items():
-        _subscribe_concurrently(broker, names.rpc_queue(service, command), handler)
-
-
-def _subscribe_concurrently(broker: RabbitBroker, queue: RabbitQueue, handler: Callable[..., Awaitable[Any]]) -> None:
-    parameter = next(iter(inspect.signature(handler).parameters.values()))
-    model = parameter.annotation
-    if isinstance(model, str):  # postponed annotations: resolve in the handler's module
-        model = inspect.get_annotations(handler, eval_str=True)[parameter.name]
-    reply = rpc_handler(handler)
-    running: set[asyncio.Task] = set()
-    gate: list[asyncio.Semaphore] = []  # made on first use, inside the running loop
-
-    async def answer(body: Any, reply_to: str, correlation_id: str | None) -> None:
-        try:
-            try:
-                request = model.model_validate(body)
-            except Exception as error:  # a malformed request from a caller: say so, never crash
-                result = RpcReply(error=Invalid(f"malformed request: {error}").to_info()).model_dump(mode="json")
-            else:
-                result = await reply(request)
-            await broker.publish(
-                json.dumps(result), routing_key=reply_to, correlation_id=correlation_id,
-                content_type="application/json",
-            )
-        except Exception:
-            log.exception("rpc.reply_failed", queue=queue.name)
-        finally:
-            gate[0].release()
-
-    @broker.subscriber(queue, no_reply=True)
-    async def receive(body: Any, message: RabbitMessage) -> None:
-        if not gate:
-            gate.append(asyncio.Semaphore(RPC_CONCURRENCY))
-        await gate[0].acquire()  # at the limit, stop taking messages until one finishes
-        if not message.reply_to:
-            gate[0].release()
-            return  # nobody waits for an answer
-        task = asyncio.create_task(answer(body, message.reply_to, message.correlation_id))
-        running.add(task)
-        task.add_done_callback(running.discard)
-
-
-class RpcClient:
-    """Calls services and waits for their reply, turning errors back into `EsdError`s."""
-
-    def __init__(self, broker: RabbitBroker, names: Names, timeout: float) -> None:
-        self.broker = broker
-        self.names = names
-        self.timeout = timeout
-
-    async def call(
-        self,
-        service: str,
-        command: str,
-        message: BaseModel,
-        reply: type[T] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> Any:
-        timeout = timeout or self.timeout
-        try:
-            response = await self.broker.request(
-                message.model_dump_json(),
-                queue=self.names.rpc_queue(service, command),
-                timeout=timeout,
-                expiration=timeout,
-                content_type="application/json",
-            )
-        except TimeoutError:
-            raise Unavailable(f"the {service} service did not answer within {timeout:g} s") from None
-        body = RpcReply.model_validate_json(response.body)
-        if body.error is not None:
-            raise body.error.to_error()
-        if reply is None:
-            return body.result
-        return reply.model_validate(body.result)
 
 
 async def send_work(broker: RabbitBroker, names: Names, queue: str, message: BaseModel) -> None:

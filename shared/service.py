@@ -1,5 +1,6 @@
-"""How every service process runs: logging, the broker, a health RPC, its own subscribers,
-then serve until SIGTERM/SIGINT and stop cleanly (in-flight messages finish first)."""
+"""How every service process runs: logging, the broker, its RPC server (with the health
+command), its own subscribers; then serve until SIGTERM/SIGINT and stop cleanly (requests and
+messages in hand finish first)."""
 
 from __future__ import annotations
 
@@ -7,53 +8,77 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from faststream.rabbit import RabbitBroker
-from pydantic import BaseModel
 
 from shared.logging import configure_logging
-from shared.messaging import Names, create_broker, rpc_handler
+from shared.messaging import EventPublisher, Names, create_broker
+from shared.rpc import CheckHealth, Health, RpcClient, RpcServer, health_check
 from shared.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
 
-# A service's set-up: given the broker, its names and an exit stack for what it opens (database
-# clients...), it registers its subscribers and may return a coroutine to run once connected to
-# the broker and before its subscribers consume (indexes, bootstrap).
-Setup = Callable[[RabbitBroker, Names, Settings, AsyncExitStack], Awaitable[Callable[[], Awaitable[None]] | None]]
 
+@dataclass
+class Runtime:
+    """What a service's set-up gets: the broker for its subscribers and events, its RPC server
+    to register commands on, an RPC client to call other services, and an exit stack for what
+    it opens (database clients...)."""
 
-class HealthCheck(BaseModel):
-    pass
-
-
-class Health(BaseModel):
     service: str
-    status: str = "ok"
+    settings: Settings
+    broker: RabbitBroker
+    names: Names
+    rpc: RpcServer
+    stack: AsyncExitStack
+    _client: RpcClient | None = field(default=None, repr=False)
+
+    @property
+    def events(self) -> EventPublisher:
+        return EventPublisher(self.broker, self.names)
+
+    def client(self) -> RpcClient:
+        """This process's client for calling other services (opened on first call)."""
+        if self._client is None:
+            self._client = RpcClient(self.settings.amqp_url, self.names.prefix, self.settings.rpc_timeout)
+            self.stack.push_async_callback(self._client.close)
+        return self._client
 
 
-def register_health(broker: RabbitBroker, names: Names, service: str) -> None:
-    @broker.subscriber(names.rpc_queue(service, "health"))
-    @rpc_handler
-    async def health(_: HealthCheck) -> Health:
-        return Health(service=service)
+# A service's set-up registers its commands and subscribers and may return a coroutine to run
+# once connected to the broker and before anything is consumed (indexes, bootstrap).
+Setup = Callable[[Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
 async def serve(service: str, setup: Setup, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     names = Names(settings.broker_prefix)
-    broker = create_broker(settings)
     async with AsyncExitStack() as stack:
-        prepare = await setup(broker, names, settings, stack)
-        register_health(broker, names, service)
-        await broker.connect()
-        stack.push_async_callback(broker.stop)
-        await broker.declare_exchange(names.events)
+        runtime = Runtime(
+            service=service,
+            settings=settings,
+            broker=create_broker(settings),
+            names=names,
+            rpc=RpcServer(settings.amqp_url, names.prefix),
+            stack=stack,
+        )
+        prepare = await setup(runtime)
+
+        async def health(_: CheckHealth) -> Health:
+            return Health(service=service)
+
+        runtime.rpc.register(health_check(service), health)
+        await runtime.broker.connect()
+        stack.push_async_callback(runtime.broker.stop)
+        await runtime.broker.declare_exchange(names.events)
         if prepare is not None:
             await prepare()
-        await broker.start()
+        await runtime.broker.start()
+        await runtime.rpc.start()
+        stack.push_async_callback(runtime.rpc.stop)
         log.info("service.ready", amqp=settings.amqp_url.rsplit("@", 1)[-1])
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -15,9 +15,21 @@ import aioboto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from shared.errors import Invalid
 from shared.settings import Settings
 
 PRESIGN_SECONDS = 3600
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/key` -> (`bucket`, `some/key`): the one place `s3://` locations are
+    read. The key may be empty (the bucket itself); `..` segments are refused."""
+    if not uri.startswith("s3://"):
+        raise Invalid(f"{uri} is not an s3:// location")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or ".." in key.split("/"):
+        raise Invalid(f"{uri} is not a valid s3:// location")
+    return bucket, key
 
 
 class ObjectStore:
@@ -46,6 +58,14 @@ class ObjectStore:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def key_of(self, uri: str) -> str:
+        """The key of an `s3://` location in this store's bucket; anything else (another
+        bucket, not a location, a `..` segment) is a 400 naming it."""
+        bucket, key = parse_s3_uri(uri)
+        if bucket != self.bucket:
+            raise Invalid(f"{uri} is not a path in this platform's bucket (s3://{self.bucket}/...)")
+        return key
 
     async def ensure_bucket(self) -> None:
         try:

@@ -1,6 +1,8 @@
-"""Shared fixtures: the real RabbitMQ (started by `make test`), an nx-27017 MongoDB wire server
-on a free port under a temporary folder, and services run in-process under a random broker
-prefix so that tests never meet a running stack's messages."""
+"""Fixtures over real servers, each opt-in so that unit tests run with none: the real RabbitMQ
+(started by `make test`), an nx-27017 MongoDB wire server and a SeaweedFS S3 server on free
+ports under a temporary folder, and services run in-process under a random broker prefix so
+that tests never meet a running stack's messages. The integration and end-to-end suites ask for
+the broker in their own conftest."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from urllib.parse import urlparse
 import pytest
 from faststream.rabbit import RabbitBroker, RabbitMessage, RabbitQueue
 
-from shared.messaging import Names, RpcClient, create_broker
-from shared.service import HealthCheck, Setup, serve
+from shared.messaging import Names, create_broker
+from shared.rpc import CheckHealth, RpcClient, health_check
+from shared.service import Setup, serve
 from shared.settings import Settings
 from tests.support import FileServer
 
@@ -27,7 +30,7 @@ def _port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def rabbitmq() -> str:
     parsed = urlparse(AMQP_URL)
     if not _port_open(parsed.hostname or "127.0.0.1", parsed.port or 5672):
@@ -70,21 +73,19 @@ async def service_runner() -> AsyncIterator[Callable[[str, Setup, Settings], Awa
     async def run(service: str, setup: Setup, settings: Settings) -> None:
         task = asyncio.create_task(serve(service, setup, settings))
         tasks.append(task)
-        broker = create_broker(settings)
-        await broker.start()
-        rpc = RpcClient(broker, Names(settings.broker_prefix), timeout=1.0)
+        rpc = RpcClient(settings.amqp_url, settings.broker_prefix, timeout=1.0)
         try:
             for _ in range(60):
                 if task.done():
                     task.result()  # raises what made it stop
                 try:
-                    await rpc.call(service, "health", HealthCheck())
+                    await rpc.call(health_check(service), CheckHealth())
                     return
                 except Exception:
                     await asyncio.sleep(0.2)
             raise RuntimeError(f"{service} did not become healthy")
         finally:
-            await broker.stop()
+            await rpc.close()
 
     yield run
     for task in tasks:
@@ -94,17 +95,17 @@ async def service_runner() -> AsyncIterator[Callable[[str, Setup, Settings], Awa
 
 @pytest.fixture(scope="session")
 async def rpc_factory() -> AsyncIterator[Callable[[Settings], Awaitable[RpcClient]]]:
-    brokers: list[RabbitBroker] = []
+    clients: list[RpcClient] = []
 
     async def make(settings: Settings) -> RpcClient:
-        broker = create_broker(settings)
-        await broker.start()
-        brokers.append(broker)
-        return RpcClient(broker, Names(settings.broker_prefix), settings.rpc_timeout)
+        client = RpcClient(settings.amqp_url, settings.broker_prefix, settings.rpc_timeout)
+        await client.start()
+        clients.append(client)
+        return client
 
     yield make
-    for broker in brokers:
-        await broker.stop()
+    for client in clients:
+        await client.close()
 
 
 class EventLog:

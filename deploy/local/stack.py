@@ -21,8 +21,7 @@ import httpx
 
 from deploy.local.process import ManagedProcess, StackError, free_port, port_open, stop_all, wait_until
 from deploy.local.servers import EmbeddedMongo, EmbeddedS3, amqp_address, ensure_rabbitmq, stop_rabbitmq
-from shared.messaging import Names, RpcClient, create_broker
-from shared.service import HealthCheck
+from shared.rpc import CheckHealth, RpcClient, health_check
 from shared.settings import Settings
 
 __all__ = ["EmbeddedMongo", "EmbeddedS3", "LocalStack", "StackError", "free_port"]
@@ -206,11 +205,8 @@ class LocalStack:
         return env
 
     async def _wait_healthy(self, services: Sequence[str]) -> None:
-        settings = Settings(amqp_url=self.amqp_url, broker_prefix=self.env.get("ESD_BROKER_PREFIX", ""))
-        broker = create_broker(settings)
-        await broker.start()
+        rpc = RpcClient(self.amqp_url, self.env.get("ESD_BROKER_PREFIX", ""), timeout=2)
         try:
-            rpc = RpcClient(broker, Names(settings.broker_prefix), timeout=2)
             for service in services:
                 process = self.processes[service]
                 loop = asyncio.get_running_loop()
@@ -218,7 +214,7 @@ class LocalStack:
                 while True:
                     process.check_started()
                     try:
-                        await rpc.call(service, "health", HealthCheck())
+                        await rpc.call(health_check(service), CheckHealth())
                         break
                     except Exception:
                         if loop.time() >= deadline:
@@ -228,7 +224,7 @@ class LocalStack:
                         await asyncio.sleep(0.2)
                 self.say(f"{service} is healthy")
         finally:
-            await broker.stop()
+            await rpc.close()
 
     def _gateway_pings(self) -> bool:
         response = httpx.get(f"{self.gateway_url}/ping", headers={"x-api-key": self.api_key}, timeout=2)

@@ -13,11 +13,13 @@ from fastapi.openapi.utils import get_openapi
 from faststream.rabbit import RabbitQueue
 
 from services.gateway.bodies import BODY_DEFINITIONS
-from services.gateway.envelope import install_error_handlers
 from services.gateway.completions import Completions
+from services.gateway.envelope import ErrorReply, ForbiddenReply, install_error_handlers
 from services.gateway.routes import checkpoints, endpoints, inferences, ping, roles, trainings, users
 from services.gateway.security import EdgeMiddleware, Principals
-from shared.messaging import Names, RpcClient, create_broker
+from shared.contracts.inference import InferenceFailed, InferenceSucceeded
+from shared.messaging import Event, Names, create_broker
+from shared.rpc import RpcClient
 from shared.settings import API_VERSION, Settings
 
 log = structlog.get_logger(__name__)
@@ -39,7 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
         raise SystemExit("ESD_API_KEY must be set: it is the credential every client sends")
     names = Names(settings.broker_prefix)
     broker = create_broker(settings)
-    rpc = RpcClient(broker, names, settings.rpc_timeout)
+    rpc = RpcClient(settings.amqp_url, names.prefix, settings.rpc_timeout)
     principals = Principals(rpc)
 
     completions = Completions()
@@ -54,24 +56,29 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     # Real-time callers wait for their job: each replica hears every job that finishes.
-    for routing_key in ("inference.succeeded", "inference.failed"):
+    @broker.subscriber(replica_queue(InferenceSucceeded.routing_key), names.events)
+    async def on_job_succeeded(event: InferenceSucceeded) -> None:
+        completions.finished(event.inference_id)
 
-        @broker.subscriber(replica_queue(routing_key), names.events)
-        async def on_job_finished(event: dict) -> None:
-            completions.finished(event.get("inference_id", ""))
+    @broker.subscriber(replica_queue(InferenceFailed.routing_key), names.events)
+    async def on_job_failed(event: InferenceFailed) -> None:
+        completions.finished(event.inference_id)
 
-    # Each gateway replica drops its cached principals when any user or role changes.
+    # Each gateway replica drops its cached principals when any user or role changes (what
+    # changed does not matter: every cached principal may hold the role).
     for routing_key in ("user.*", "role.*"):
 
         @broker.subscriber(replica_queue(routing_key), names.events)
-        async def on_identity_change(_: dict) -> None:
+        async def on_identity_change(_: Event) -> None:
             principals.invalidate()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await broker.start()
+        await rpc.start()
         log.info("gateway.ready", host=settings.gateway_host, port=settings.gateway_port)
         yield
+        await rpc.close()
         await broker.stop()
 
     app = FastAPI(
@@ -103,7 +110,17 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_DEFINITIONS)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(BODY_DEFINITIONS)
+        for model in (ErrorReply, ForbiddenReply):
+            components[model.__name__] = model.model_json_schema()
+        # FastAPI documents a 422 for every route with parameters; this API answers a bad
+        # parameter with a 400 (documented per route) and never 422
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
         schema["components"]["securitySchemes"] = {
             "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             "username": {"type": "apiKey", "in": "header", "name": "username"},

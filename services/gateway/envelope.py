@@ -8,6 +8,7 @@ errors are phrased as ESD's clients match them (`object has missing required pro
 from __future__ import annotations
 
 import json
+from functools import cache
 from http import HTTPStatus
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -46,6 +47,62 @@ FORBIDDEN_BODY = b'{"message":"Forbidden"}'
 def forbidden_api_key() -> Response:
     # API Gateway's exact answer to a missing or wrong key: ESD clients match this body.
     return EsdResponse(FORBIDDEN_BODY, status_code=403)
+
+
+# --- what the OpenAPI document says of replies ----------------------------------------------
+
+
+class ErrorReply(BaseModel):
+    """Every error but a bad API key: the envelope with a readable message."""
+
+    statusCode: int
+    message: str
+
+
+class ForbiddenReply(BaseModel):
+    """A missing or wrong API key (API Gateway's exact body)."""
+
+    message: str
+
+
+@cache
+def envelope_of(model: type[BaseModel] | None) -> type[BaseModel]:
+    """The envelope around a reply's `data`, for the document: `{statusCode, data, message}`."""
+    if model is None:
+        return create_model("Reply", statusCode=(int, ...), message=(str, ...))
+    return create_model(f"{model.__name__}Reply", statusCode=(int, ...), data=(model, ...), message=(str, ...))
+
+
+_WHY = {
+    400: "Bad request: a body or query that breaks the contract, or a rule the request breaks",
+    401: "No user, or a user that does not exist",
+    403: "Missing or wrong API key (body `{\"message\": \"Forbidden\"}`), or a missing permission",
+    404: "Not found",
+    413: "Request body too large",
+    503: "A service did not answer in time; retry",
+    504: "The job did not finish in time; it goes on",
+}
+
+
+def answers(
+    success: dict[int, type[BaseModel] | None], *errors: int, routed: bool = True
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: its success replies (status -> data model) and the error
+    statuses it really answers. Every route answers 403 (the API key) besides, and a routed
+    one 503 (a service away)."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status, model in success.items():
+        if status == 204:
+            documented[204] = {"description": "No Content"}
+        else:
+            documented[status] = {"model": envelope_of(model), "description": HTTPStatus(status).phrase}
+    for status in sorted({*errors, *((503,) if routed else ())}):
+        documented[status] = {"model": ErrorReply, "description": _WHY[status]}
+    # the key's 403 has API Gateway's own body; a missing permission has the envelope
+    documented[403] = {"description": _WHY[403], "content": {"application/json": {"schema": {"anyOf": [
+        {"$ref": "#/components/schemas/ForbiddenReply"}, {"$ref": "#/components/schemas/ErrorReply"},
+    ]}}}}
+    return documented
 
 
 # --- validation messages -----------------------------------------------------------------

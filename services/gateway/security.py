@@ -16,9 +16,9 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.envelope import forbidden_api_key, respond
-from shared.contracts.identity import SERVICE as IDENTITY, Authenticate, Principal
+from shared.contracts.identity import AUTHENTICATE_USER, AuthenticateUser, Principal
 from shared.errors import Forbidden, Invalid, PayloadTooLarge, Unauthorized
-from shared.messaging import RpcClient
+from shared.rpc import RpcClient
 from shared.permissions import allows_any
 from shared.settings import API_VERSION
 
@@ -116,9 +116,7 @@ class Principals:
         if hit is not None and hit[1] > now:
             return hit[0]
         generation = self._generation
-        principal = await self.rpc.call(
-            IDENTITY, "authenticate", Authenticate(username=username), Principal
-        )
+        principal = await self.rpc.call(AUTHENTICATE_USER, AuthenticateUser(username=username))
         # an invalidation that arrived while we asked makes this answer possibly stale
         if generation == self._generation:
             if len(self._cache) >= self.MAX_ENTRIES:
@@ -129,6 +127,11 @@ class Principals:
     def invalidate(self) -> None:
         self._generation += 1
         self._cache.clear()
+
+
+def rpc(request: Request) -> RpcClient:
+    """The gateway's client for calling the services."""
+    return request.app.state.rpc
 
 
 def check_permissions(principal: Principal, required: Iterable[str]) -> None:

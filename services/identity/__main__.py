@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-
-from faststream.rabbit import RabbitBroker
-
-from services.identity.handlers import Identity, register
+from services.identity import handlers
+from services.identity.roles import Roles
 from services.identity.store import IdentityStore
+from services.identity.users import Users
 from shared.contracts.identity import SERVICE
 from shared.db import mongo_client
-from shared.messaging import EventPublisher, Names
-from shared.service import main
-from shared.settings import Settings
+from shared.service import Runtime, main
 
 
-async def setup(broker: RabbitBroker, names: Names, settings: Settings, stack: AsyncExitStack):
+async def setup(runtime: Runtime):
+    settings = runtime.settings
     client = mongo_client(settings)
-    stack.push_async_callback(client.close)
+    runtime.stack.push_async_callback(client.close)
     store = IdentityStore(client[settings.database_name(SERVICE)])
-    identity = Identity(store, EventPublisher(broker, names), settings.admin_username)
-    register(broker, names, identity)
+    users = Users(store, runtime.events, settings.admin_username)
+    roles = Roles(store, runtime.events, settings.admin_username)
+    handlers.register(runtime, users, roles)
 
     async def prepare() -> None:
         await store.ensure_indexes()
-        await identity.bootstrap(settings.admin_password.get_secret_value())
+        await roles.bootstrap()
+        await users.bootstrap(settings.admin_password.get_secret_value())
 
     return prepare
 

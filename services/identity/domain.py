@@ -58,6 +58,13 @@ def role_view(role: Role) -> RoleView:
     return RoleView(role_name=role.role_name, creator=role.creator, permissions=role.permissions)
 
 
+def acting(actor: Principal | None) -> Principal:
+    """The acting user of a command that needs one (only `initial` creations come without)."""
+    if actor is None:  # the gateway always sends one; a missing one is a caller's bug
+        raise Invalid("the acting user is missing")
+    return actor
+
+
 def visible_users(actor: Principal, users: Iterable[User]) -> list[User]:
     """With `user:list` (or `:all`) a user sees everyone; without it, only itself."""
     if allows(actor.permissions, "user:list"):

@@ -1,59 +1,65 @@
-"""Starts the inference service: endpoints (worker pools) and inference jobs."""
+"""Starts the inference service: endpoints (worker pools), inference jobs, the autoscaler."""
 
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 
-from faststream.rabbit import RabbitBroker
-
-from services.inference.handlers import Inference, register
-from shared.pools import LocalPool
+from services.inference import handlers
+from services.inference.autoscaler import Autoscaler
+from services.inference.catalog import Catalog
+from services.inference.endpoints import Endpoints
+from services.inference.jobs import Jobs
 from services.inference.store import InferenceStore
-from shared.contracts.inference import HEARTBEATS, SERVICE
+from shared.contracts.inference import HEARTBEATS, SERVICE, queue_of
 from shared.db import mongo_client
-from shared.messaging import EventPublisher, Names, QueueDepths, RpcClient, declare_work_queue
-from shared.service import main
-from shared.settings import Settings
+from shared.messaging import QueueDepths, declare_work_queue
+from shared.pools import LocalPool
+from shared.service import Runtime, main
 from shared.storage import ObjectStore
 
 
-async def setup(broker: RabbitBroker, names: Names, settings: Settings, stack: AsyncExitStack):
+async def setup(runtime: Runtime):
+    settings, broker, names = runtime.settings, runtime.broker, runtime.names
     client = mongo_client(settings)
-    stack.push_async_callback(client.close)
+    runtime.stack.push_async_callback(client.close)
     store = InferenceStore(client[settings.database_name(SERVICE)])
-    storage = await ObjectStore.open(settings, stack)
+    storage = await ObjectStore.open(settings, runtime.stack)
     pools = LocalPool(settings.var_dir.resolve() / "log")
-    stack.push_async_callback(pools.close)  # workers go when the service goes
+    runtime.stack.push_async_callback(pools.close)  # workers go when the service goes
     depths = QueueDepths(settings.amqp_url)
-    stack.push_async_callback(depths.close)
-    inference = Inference(
-        store, storage, pools, EventPublisher(broker, names), broker, names, depths,
+    runtime.stack.push_async_callback(depths.close)
+    # a worker is alive while its heartbeats keep coming; three missed ones and it is gone
+    live_within = 3 * settings.worker_heartbeat_seconds
+    jobs = Jobs(store, storage, runtime.events, broker, names)
+    endpoints = Endpoints(store, pools, runtime.events, broker, names, live_within=live_within, fail_job=jobs.fail)
+    catalog = Catalog(store)
+    autoscaler = Autoscaler(
+        store, pools, depths, runtime.events, names,
+        live_within=live_within,
         start_timeout=settings.endpoint_start_timeout,
         scale_down_after=settings.pool_scale_down_after,
     )
-    register(broker, names, inference)
+    handlers.register(runtime, endpoints, jobs, catalog)
 
     async def prepare() -> None:
         await store.ensure_indexes()
         await storage.ensure_bucket()
-        await declare_work_queue(broker, names, HEARTBEATS)
+        await broker.declare_queue(names.heartbeat_queue(HEARTBEATS))
         for endpoint in await store.all_endpoints():
-            await declare_work_queue(broker, names, f"inference.{endpoint['name']}")
+            await declare_work_queue(broker, names, queue_of(endpoint.name))
 
         async def after_start() -> None:
-            # the checkpoint service may start after us: learn its models once it answers
-            rpc = RpcClient(broker, names, timeout=5)
+            # the checkpoint service may start after us: fill the catalog once it answers
             for _ in range(60):
                 try:
-                    await inference.backfill_models(rpc)
+                    await catalog.backfill(runtime.client())
                     break
                 except Exception:
                     await asyncio.sleep(2)
-            await inference.autoscale_forever()
+            await autoscaler.forever()
 
         task = asyncio.get_running_loop().create_task(after_start())
-        stack.callback(task.cancel)
+        runtime.stack.callback(task.cancel)
 
     return prepare
 

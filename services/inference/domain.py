@@ -1,5 +1,6 @@
-"""The inference service's decisions: endpoint names, who may use which endpoint, which
-models a job names, and how jobs and endpoints look to ESD clients. Pure functions."""
+"""The inference service's records (endpoints, workers, jobs, the catalog of usable
+checkpoints) and its decisions: endpoint names, who may use which endpoint, which models a job
+names, and how endpoints look to ESD clients. Pure: no I/O."""
 
 from __future__ import annotations
 
@@ -7,9 +8,102 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from shared.contracts.inference import TASK_TYPES, EndpointStatus, EndpointType, EndpointView
-from shared.errors import Invalid
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.contracts.identity import Principal
+from shared.contracts.inference import (
+    TASK_TYPES,
+    EndpointStatus,
+    EndpointType,
+    EndpointView,
+    JobProgress,
+    JobStatus,
+    ModelFile,
+    ModelRef,
+)
+from shared.contracts.workers import WorkerState
+from shared.errors import Invalid, NotFound
 from shared.esd import esd_time
+from shared.permissions import allows
+
+
+class Record(BaseModel):
+    # stored documents carry MongoDB's `_id` and, after upgrades, fields a record no longer has
+    model_config = ConfigDict(extra="ignore")
+
+
+class Endpoint(Record):
+    """A named pool of workers consuming `inference.<name>`."""
+
+    id: str
+    name: str
+    type: EndpointType
+    status: EndpointStatus
+    instance_type: str
+    autoscaling: bool
+    initial: int
+    min: int
+    max: int
+    roles: list[str]
+    owner: str
+    created: float
+    ready_at: float | None = None
+    error: str | None = None
+
+
+class Worker(Record):
+    """A worker as its last heartbeat described it."""
+
+    worker_id: str
+    endpoint_name: str
+    state: WorkerState
+    last_seen: float
+
+
+class CatalogEntry(Record):
+    """An Active checkpoint this service may hand to workers (a read model of the checkpoint
+    service's events)."""
+
+    checkpoint_id: str
+    type: str
+    names: list[str]
+    prefix: str  # object key prefix of its files
+    allowed_roles: list[str]
+
+
+class InferenceJob(Record):
+    id: str
+    task_type: str
+    inference_type: EndpointType
+    status: JobStatus
+    owner: str
+    roles: list[str]
+    endpoint_name: str
+    endpoint_id: str
+    instance_type: str
+    models: list[ModelRef]
+    files: list[ModelFile]
+    payload_key: str
+    created: float
+    image_names: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    start_time: float | None = None
+    complete_time: float | None = None
+    run_started: float | None = None
+    worker_id: str | None = None
+    error: str | None = None
+    progress: JobProgress | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+def check_owner(actor: Principal, job: InferenceJob) -> None:
+    """Another user's job is not found, unless the actor may see every job."""
+    if job.owner != actor.username and not allows(actor.permissions, "inference:all"):
+        raise NotFound(f"inference with id {job.id} not found")
 
 PASS_THROUGH_VAES = ("Automatic", "None")
 RUNNABLE_TASKS = ("txt2img", "img2img")
@@ -24,22 +118,30 @@ def shares_a_role(owner_roles: Iterable[str], roles: Iterable[str]) -> bool:
     return bool(set(owner_roles) & set(roles))
 
 
-def endpoint_view(endpoint: dict[str, Any], current: int) -> EndpointView:
+def endpoint_view(endpoint: Endpoint, current: int) -> EndpointView:
     return EndpointView(
-        EndpointDeploymentJobId=endpoint["id"],
-        endpoint_name=endpoint["name"],
-        endpoint_type=endpoint["type"],
-        endpoint_status=endpoint["status"],
-        instance_type=endpoint["instance_type"],
-        autoscaling=endpoint["autoscaling"],
-        min_instance_number=str(endpoint["min"]),
-        max_instance_number=str(endpoint["max"]),
+        EndpointDeploymentJobId=endpoint.id,
+        endpoint_name=endpoint.name,
+        endpoint_type=endpoint.type,
+        endpoint_status=endpoint.status,
+        instance_type=endpoint.instance_type,
+        autoscaling=endpoint.autoscaling,
+        min_instance_number=str(endpoint.min),
+        max_instance_number=str(endpoint.max),
         current_instance_count=str(current),
-        startTime=esd_time(endpoint["created"]) or "",
-        endTime=esd_time(endpoint.get("ready_at")),
-        error=endpoint.get("error"),
-        owner_group_or_role=endpoint["roles"],
+        startTime=esd_time(endpoint.created) or "",
+        endTime=esd_time(endpoint.ready_at),
+        error=endpoint.error,
+        owner_group_or_role=endpoint.roles,
     )
+
+
+def initial_workers(endpoint: Endpoint) -> int:
+    """How many workers a new endpoint starts with: its initial count, within its limits when
+    it autoscales."""
+    if not endpoint.autoscaling:
+        return endpoint.initial
+    return max(endpoint.min, min(endpoint.initial, endpoint.max))
 
 
 EXTRA_TASKS = ("extra-single-image", "extra-batch-images", "rembg")
@@ -52,29 +154,29 @@ def check_task_type(task_type: str) -> None:
 
 
 def choose_endpoint(
-    endpoints: list[dict[str, Any]],
+    endpoints: list[Endpoint],
     *,
     inference_type: EndpointType,
     named: str | None,
     username: str,
     roles: list[str],
-) -> dict[str, Any]:
+) -> Endpoint:
     """The named endpoint (it must be in service), or an in-service endpoint of the type
     whose roles the user shares (the least loaded is the caller's business: pools scale)."""
     if named:
         for endpoint in endpoints:
-            if endpoint["name"] == named:
-                if endpoint["status"] != EndpointStatus.IN_SERVICE:
-                    raise Invalid(f"endpoint {named} is {endpoint['status']}, not InService")
-                if endpoint["type"] != inference_type:
-                    raise Invalid(f"endpoint {named} is {endpoint['type']}, not {inference_type.value}")
+            if endpoint.name == named:
+                if endpoint.status != EndpointStatus.IN_SERVICE:
+                    raise Invalid(f"endpoint {named} is {endpoint.status.value}, not InService")
+                if endpoint.type != inference_type:
+                    raise Invalid(f"endpoint {named} is {endpoint.type.value}, not {inference_type.value}")
                 return endpoint
         raise Invalid(f"endpoint {named} not found")
     for endpoint in endpoints:
         if (
-            endpoint["type"] == inference_type
-            and endpoint["status"] == EndpointStatus.IN_SERVICE
-            and shares_a_role(endpoint["roles"], roles)
+            endpoint.type == inference_type
+            and endpoint.status == EndpointStatus.IN_SERVICE
+            and shares_a_role(endpoint.roles, roles)
         ):
             return endpoint
     raise Invalid(f'no available {inference_type.value} endpoints for user "{username}"')

@@ -1,5 +1,6 @@
 """The inference service's MongoDB collections: `endpoints`, `workers` (heartbeats), `jobs`,
-and `models`, a read model of usable checkpoints kept from the checkpoint service's events."""
+and `models`, the catalog of usable checkpoints kept from the checkpoint service's events.
+Documents are the records of `domain.py`, field for field."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.inference.domain import CatalogEntry, Endpoint, InferenceJob, Worker
+from shared.contracts.workers import WorkerState
 from shared.errors import Invalid
+
+_LIVE = [WorkerState.READY.value, WorkerState.BUSY.value]
+
+
+def _doc(record: Any) -> dict[str, Any]:
+    return record.model_dump(mode="json")
 
 
 class InferenceStore:
@@ -30,17 +39,19 @@ class InferenceStore:
 
     # --- endpoints ---
 
-    async def add_endpoint(self, endpoint: dict[str, Any]) -> None:
+    async def add_endpoint(self, endpoint: Endpoint) -> None:
         try:
-            await self.endpoints.insert_one(endpoint)
+            await self.endpoints.insert_one(_doc(endpoint))
         except DuplicateKeyError:
             raise Invalid("Cannot create already existing model") from None
 
-    async def endpoint(self, name: str) -> dict[str, Any] | None:
-        return await self.endpoints.find_one({"name": name}, {"_id": 0})
+    async def endpoint(self, name: str) -> Endpoint | None:
+        doc = await self.endpoints.find_one({"name": name})
+        return Endpoint.model_validate(doc) if doc else None
 
-    async def all_endpoints(self) -> list[dict[str, Any]]:
-        return [doc async for doc in self.endpoints.find({}, {"_id": 0}).sort("created", DESCENDING)]
+    async def all_endpoints(self) -> list[Endpoint]:
+        cursor = self.endpoints.find({}).sort("created", DESCENDING)
+        return [Endpoint.model_validate(doc) async for doc in cursor]
 
     async def update_endpoint(self, name: str, **fields: Any) -> None:
         await self.endpoints.update_one({"name": name}, {"$set": fields})
@@ -51,35 +62,33 @@ class InferenceStore:
 
     # --- workers ---
 
-    async def heartbeat(self, worker_id: str, endpoint_name: str, state: str, at: float) -> None:
-        await self.workers.update_one(
-            {"worker_id": worker_id},
-            {"$set": {"endpoint_name": endpoint_name, "state": state, "last_seen": at}},
-            upsert=True,
-        )
+    async def heartbeat(self, worker: Worker) -> None:
+        await self.workers.update_one({"worker_id": worker.worker_id}, {"$set": _doc(worker)}, upsert=True)
 
-    async def live_workers(self, endpoint_name: str, within: float) -> list[dict[str, Any]]:
-        since = time.time() - within
+    async def live_workers(self, endpoint_name: str, within: float) -> list[Worker]:
         cursor = self.workers.find(
-            {"endpoint_name": endpoint_name, "last_seen": {"$gte": since}, "state": {"$in": ["ready", "busy"]}}
+            {"endpoint_name": endpoint_name, "last_seen": {"$gte": time.time() - within}, "state": {"$in": _LIVE}}
         )
-        return [doc async for doc in cursor]
+        return [Worker.model_validate(doc) async for doc in cursor]
 
     async def forget_worker(self, worker_id: str) -> None:
         await self.workers.delete_one({"worker_id": worker_id})
 
     # --- jobs ---
 
-    async def add_job(self, job: dict[str, Any]) -> None:
-        await self.jobs.insert_one(job)
+    async def add_job(self, job: InferenceJob) -> None:
+        await self.jobs.insert_one(_doc(job))
 
-    async def job(self, inference_id: str) -> dict[str, Any] | None:
-        return await self.jobs.find_one({"id": inference_id}, {"_id": 0})
+    async def job(self, inference_id: str) -> InferenceJob | None:
+        doc = await self.jobs.find_one({"id": inference_id})
+        return InferenceJob.model_validate(doc) if doc else None
 
     async def update_job(self, inference_id: str, **fields: Any) -> None:
         await self.jobs.update_one({"id": inference_id}, {"$set": fields})
 
     async def transition_job(self, inference_id: str, expected: list[str], **fields: Any) -> bool:
+        """Set fields only while the job's status is one of `expected` (a guard against a
+        concurrent change); True when it was."""
         result = await self.jobs.update_one(
             {"id": inference_id, "status": {"$in": expected}}, {"$set": fields}
         )
@@ -88,32 +97,33 @@ class InferenceStore:
     async def count_attempt(self, inference_id: str) -> int:
         await self.jobs.update_one({"id": inference_id}, {"$inc": {"attempts": 1}})
         job = await self.job(inference_id)
-        return int(job.get("attempts", 0)) if job else 0
+        return job.attempts if job else 0
 
     async def page_jobs(
         self, *, task_type: str, owner: str | None, before: float | None, limit: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[InferenceJob]:
         query: dict[str, Any] = {"task_type": task_type}
         if owner is not None:
             query["owner"] = owner
         if before is not None:
             query["created"] = {"$lt": before}
-        cursor = self.jobs.find(query, {"_id": 0}).sort("created", DESCENDING).limit(limit + 1)
-        return [doc async for doc in cursor]
+        cursor = self.jobs.find(query).sort("created", DESCENDING).limit(limit + 1)
+        return [InferenceJob.model_validate(doc) async for doc in cursor]
 
     async def remove_job(self, inference_id: str) -> None:
         await self.jobs.delete_one({"id": inference_id})
 
-    # --- the models read model ---
+    # --- the catalog of usable checkpoints ---
 
-    async def put_model(self, checkpoint_id: str, **fields: Any) -> None:
-        await self.models.update_one({"checkpoint_id": checkpoint_id}, {"$set": fields}, upsert=True)
+    async def put_model(self, entry: CatalogEntry) -> None:
+        await self.models.update_one({"checkpoint_id": entry.checkpoint_id}, {"$set": _doc(entry)}, upsert=True)
 
     async def drop_model(self, checkpoint_id: str) -> None:
         await self.models.delete_one({"checkpoint_id": checkpoint_id})
 
-    async def find_model(self, checkpoint_type: str, name: str) -> dict[str, Any] | None:
-        return await self.models.find_one({"type": checkpoint_type, "names": name}, {"_id": 0})
+    async def find_model(self, checkpoint_type: str, name: str) -> CatalogEntry | None:
+        doc = await self.models.find_one({"type": checkpoint_type, "names": name})
+        return CatalogEntry.model_validate(doc) if doc else None
 
     async def count_models(self) -> int:
         return await self.models.count_documents({})

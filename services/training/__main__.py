@@ -3,37 +3,45 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 
-from faststream.rabbit import RabbitBroker
-
-from services.training.handlers import Training, keep_workers, register
+from services.training import handlers
+from services.training.datasets import Datasets
 from services.training.store import TrainingStore
-from shared.contracts.training import JOBS, SERVICE
+from services.training.trainings import Trainings
+from shared.contracts.training import HEARTBEATS, JOBS, POOL, SERVICE
 from shared.db import mongo_client
-from shared.messaging import EventPublisher, Names, RpcClient, declare_work_queue
-from shared.pools import LocalPool
-from shared.service import main
-from shared.settings import Settings
+from shared.messaging import declare_work_queue
+from shared.pools import LocalPool, PoolBackend
+from shared.service import Runtime, main
 from shared.storage import ObjectStore
 
 
-async def setup(broker: RabbitBroker, names: Names, settings: Settings, stack: AsyncExitStack):
+async def keep_workers(pool: PoolBackend, count: int, interval: float = 2.0) -> None:
+    """The training pool stays at its size: a worker that died is replaced."""
+    while True:
+        await pool.scale(POOL, count)
+        await asyncio.sleep(interval)
+
+
+async def setup(runtime: Runtime):
+    settings, broker, names = runtime.settings, runtime.broker, runtime.names
     client = mongo_client(settings)
-    stack.push_async_callback(client.close)
+    runtime.stack.push_async_callback(client.close)
     store = TrainingStore(client[settings.database_name(SERVICE)])
-    storage = await ObjectStore.open(settings, stack)
+    storage = await ObjectStore.open(settings, runtime.stack)
     pool = LocalPool(settings.var_dir.resolve() / "log", module="services.training.worker", stop_timeout=30)
-    stack.push_async_callback(pool.close)  # workers go when the service goes
-    training = Training(store, storage, EventPublisher(broker, names), broker, names, RpcClient(broker, names, settings.rpc_timeout))
-    register(broker, names, training)
+    runtime.stack.push_async_callback(pool.close)  # workers go when the service goes
+    datasets = Datasets(store, storage)
+    trainings = Trainings(store, storage, runtime.events, broker, names, runtime.client())
+    handlers.register(runtime, datasets, trainings)
 
     async def prepare() -> None:
         await store.ensure_indexes()
         await storage.ensure_bucket()
         await declare_work_queue(broker, names, JOBS)
+        await broker.declare_queue(names.heartbeat_queue(HEARTBEATS))
         task = asyncio.get_running_loop().create_task(keep_workers(pool, settings.training_workers))
-        stack.callback(task.cancel)
+        runtime.stack.callback(task.cancel)
 
     return prepare
 

@@ -1,4 +1,5 @@
-"""The training service's MongoDB collections: `datasets` (unique by name) and `trainings`."""
+"""The training service's MongoDB collections: `datasets` (unique by name) and `trainings`.
+Documents are the records of `domain.py`, field for field."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.training.domain import Dataset, TrainingJob
 from shared.errors import Invalid
 
 
@@ -23,17 +25,18 @@ class TrainingStore:
 
     # --- datasets ---
 
-    async def add_dataset(self, dataset: dict[str, Any]) -> None:
+    async def add_dataset(self, dataset: Dataset) -> None:
         try:
-            await self.datasets.insert_one(dataset)
+            await self.datasets.insert_one(dataset.model_dump(mode="json"))
         except DuplicateKeyError:
-            raise Invalid(f"dataset {dataset['name']} already exists") from None
+            raise Invalid(f"dataset {dataset.name} already exists") from None
 
-    async def dataset(self, name: str) -> dict[str, Any] | None:
-        return await self.datasets.find_one({"name": name}, {"_id": 0})
+    async def dataset(self, name: str) -> Dataset | None:
+        doc = await self.datasets.find_one({"name": name})
+        return Dataset.model_validate(doc) if doc else None
 
-    async def all_datasets(self) -> list[dict[str, Any]]:
-        return [doc async for doc in self.datasets.find({}, {"_id": 0}).sort("created", DESCENDING)]
+    async def all_datasets(self) -> list[Dataset]:
+        return [Dataset.model_validate(doc) async for doc in self.datasets.find({}).sort("created", DESCENDING)]
 
     async def update_dataset(self, name: str, **fields: Any) -> None:
         await self.datasets.update_one({"name": name}, {"$set": fields})
@@ -43,16 +46,18 @@ class TrainingStore:
 
     # --- trainings ---
 
-    async def add_training(self, training: dict[str, Any]) -> None:
-        await self.trainings.insert_one(training)
+    async def add_training(self, training: TrainingJob) -> None:
+        await self.trainings.insert_one(training.model_dump(mode="json"))
 
-    async def training(self, training_id: str) -> dict[str, Any] | None:
-        return await self.trainings.find_one({"id": training_id}, {"_id": 0})
+    async def training(self, training_id: str) -> TrainingJob | None:
+        doc = await self.trainings.find_one({"id": training_id})
+        return TrainingJob.model_validate(doc) if doc else None
 
     async def update_training(self, training_id: str, **fields: Any) -> None:
         await self.trainings.update_one({"id": training_id}, {"$set": fields})
 
     async def transition(self, training_id: str, expected: list[str], **fields: Any) -> bool:
+        """Set fields only while the status is one of `expected`; True when it was."""
         result = await self.trainings.update_one(
             {"id": training_id, "status": {"$in": expected}}, {"$set": fields}
         )
@@ -61,16 +66,16 @@ class TrainingStore:
     async def count_attempt(self, training_id: str) -> int:
         await self.trainings.update_one({"id": training_id}, {"$inc": {"attempts": 1}})
         training = await self.training(training_id)
-        return int(training.get("attempts", 0)) if training else 0
+        return training.attempts if training else 0
 
-    async def page(self, *, owner: str | None, before: float | None, limit: int) -> list[dict[str, Any]]:
+    async def page(self, *, owner: str | None, before: float | None, limit: int) -> list[TrainingJob]:
         query: dict[str, Any] = {}
         if owner is not None:
             query["owner"] = owner
         if before is not None:
             query["created"] = {"$lt": before}
-        cursor = self.trainings.find(query, {"_id": 0}).sort("created", DESCENDING).limit(limit + 1)
-        return [doc async for doc in cursor]
+        cursor = self.trainings.find(query).sort("created", DESCENDING).limit(limit + 1)
+        return [TrainingJob.model_validate(doc) async for doc in cursor]
 
     async def remove_training(self, training_id: str) -> None:
         await self.trainings.delete_one({"id": training_id})

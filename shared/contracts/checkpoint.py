@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from shared.contracts.identity import Body, Principal
 from shared.messaging import Event
+from shared.rpc import command
 
 SERVICE = "checkpoint"
 ALLOWED_EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors", ".yaml")
@@ -194,6 +195,17 @@ class UpdatedCheckpoint(BaseModel):
     status: int
     message: str | None = None
     checkpoint: CheckpointView | None = None
+
+
+# --- the commands (request -> reply) ---------------------------------------------------------
+
+CREATE_CHECKPOINT = command(SERVICE, CreateCheckpoint, CreatedCheckpoint)
+UPDATE_CHECKPOINT = command(SERVICE, UpdateCheckpoint, UpdatedCheckpoint)
+DELETE_CHECKPOINTS = command(SERVICE, DeleteCheckpoints)
+LIST_CHECKPOINTS = command(SERVICE, ListCheckpoints, CheckpointPage)
+GET_CHECKPOINT = command(SERVICE, GetCheckpoint, CheckpointItem)
+FIND_CHECKPOINT = command(SERVICE, FindCheckpoint, CheckpointItem)
+REGISTER_CHECKPOINT = command(SERVICE, RegisterCheckpoint, CheckpointItem)
 
 
 # --- work queues ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.messaging import Event
+from shared.rpc import command
 
 SERVICE = "identity"
 DEFAULT_ROLE = "IT Operator"
@@ -60,7 +61,7 @@ class DeleteRolesBody(Body):
 # --- commands (RPC) ------------------------------------------------------------------------
 
 
-class Authenticate(BaseModel):
+class AuthenticateUser(BaseModel):
     username: str
 
 
@@ -155,3 +156,14 @@ class RoleUpdated(Event):
 class RoleDeleted(Event):
     routing_key = "role.deleted"
     role_name: str
+
+
+# --- the commands (request -> reply) ---------------------------------------------------------
+
+AUTHENTICATE_USER = command(SERVICE, AuthenticateUser, Principal)
+CREATE_USER = command(SERVICE, CreateUser)
+LIST_USERS = command(SERVICE, ListUsers, UserList)
+DELETE_USERS = command(SERVICE, DeleteUsers)
+CREATE_ROLE = command(SERVICE, CreateRole, RoleView)
+LIST_ROLES = command(SERVICE, ListRoles, RoleList)
+DELETE_ROLES = command(SERVICE, DeleteRoles)

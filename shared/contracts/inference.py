@@ -10,10 +10,12 @@ from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, model
 
 from shared.contracts.checkpoint import CheckpointType
 from shared.contracts.identity import Body, Principal
+from shared.contracts.workers import GoAhead
 from shared.messaging import Event
+from shared.rpc import command
 
 SERVICE = "inference"
-HEARTBEATS = "inference.heartbeats"
+HEARTBEATS = "inference.heartbeat"
 TASK_TYPES = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
 
 
@@ -169,24 +171,84 @@ class EndpointPage(BaseModel):
 
 
 class ModelRef(BaseModel):
+    """A checkpoint a job uses, as ESD lists it: one entry per type with its file names."""
+
     id: str
     name: list[str]
     type: str
 
 
 class CreatedInference(BaseModel):
-    inference: dict[str, Any]
-    job: dict[str, Any] | None = None  # the "one API" form: the started (or finished) job
-    status: int = 201
+    """ESD's `data.inference` of POST /inferences: where to upload the job's parameters."""
+
+    id: str
+    type: str
+    api_params_s3_location: str
+    api_params_s3_upload_url: str
+    models: list[ModelRef]
+
+
+class InferenceStart(BaseModel):
+    inference_id: str
+    status: JobStatus
+    endpoint_name: str
+    output_path: str
 
 
 class StartedInference(BaseModel):
-    inference: dict[str, Any]
+    inference: InferenceStart
     inference_type: EndpointType
 
 
+class UsedModel(BaseModel):
+    s3: str
+    id: str
+    model_name: str
+    type: str
+
+
+class InferenceParams(BaseModel):
+    input_body_presign_url: str
+    input_body_s3: str
+    used_models: dict[str, list[UsedModel]]
+    sagemaker_inference_endpoint_id: str
+    sagemaker_inference_endpoint_name: str
+    sagemaker_inference_instance_type: str
+
+
+class JobProgress(BaseModel):
+    step: int
+    total: int
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+class InferenceView(BaseModel):
+    """A job as `GET /inferences/{id}` shows it (ESD's field names); `error`, `progress` and
+    `info` appear only when there is something to say."""
+
+    img_presigned_urls: list[str]
+    output_presigned_urls: list[str]
+    inference_info_name: str
+    InferenceJobId: str
+    status: JobStatus
+    taskType: str
+    inference_type: EndpointType
+    createTime: str | None
+    startTime: str | None
+    completeTime: str | None
+    image_names: list[str]
+    owner_group_or_role: list[str]
+    params: InferenceParams
+    error: str | None = Field(None, exclude_if=_absent)
+    progress: JobProgress | None = Field(None, exclude_if=_absent)
+    info: dict[str, Any] | None = Field(None, exclude_if=_absent)
+
+
 class InferencePage(BaseModel):
-    inferences: list[dict[str, Any]]
+    inferences: list[InferenceView]
     last_evaluated_key: str | None = None
 
 
@@ -211,31 +273,21 @@ class RunInference(BaseModel):
     models: list[ModelFile]
 
 
-class WorkerHeartbeat(BaseModel):
-    endpoint_name: str
-    worker_id: str
-    state: str  # starting | ready | busy | stopping
-    at: float
+class ReportInferenceStarted(BaseModel):
+    """A worker took the job: may it run it? (A redelivered job that already finished may not.)"""
 
-
-class JobStarted(BaseModel):
     inference_id: str
     worker_id: str
 
 
-class JobStartDecision(BaseModel):
-    run: bool  # False: already finished (a redelivery) or given up
-    reason: str | None = None
-
-
-class JobSucceeded(BaseModel):
+class ReportInferenceSucceeded(BaseModel):
     inference_id: str
     worker_id: str
     image_names: list[str]
     info: dict[str, Any] = Field(default_factory=dict)
 
 
-class JobFailed(BaseModel):
+class ReportInferenceFailed(BaseModel):
     inference_id: str
     worker_id: str
     error: str
@@ -290,3 +342,19 @@ class EndpointFailed(EndpointChanged):
 
 class EndpointDeleted(EndpointChanged):
     routing_key = "endpoint.deleted"
+
+
+# --- the commands (request -> reply) ---------------------------------------------------------
+
+CREATE_ENDPOINT = command(SERVICE, CreateEndpoint, EndpointView)
+LIST_ENDPOINTS = command(SERVICE, ListEndpoints, EndpointPage)
+DELETE_ENDPOINTS = command(SERVICE, DeleteEndpoints)
+CREATE_INFERENCE = command(SERVICE, CreateInference, CreatedInference)
+START_INFERENCE = command(SERVICE, StartInference, StartedInference)
+GET_INFERENCE = command(SERVICE, GetInference, InferenceView)
+LIST_INFERENCES = command(SERVICE, ListInferences, InferencePage)
+DELETE_INFERENCES = command(SERVICE, DeleteInferences)
+# from the workers
+REPORT_INFERENCE_STARTED = command(SERVICE, ReportInferenceStarted, GoAhead)
+REPORT_INFERENCE_SUCCEEDED = command(SERVICE, ReportInferenceSucceeded)
+REPORT_INFERENCE_FAILED = command(SERVICE, ReportInferenceFailed)

@@ -10,10 +10,14 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_
 
 from shared.contracts.checkpoint import FileName, safe_file_name
 from shared.contracts.identity import Body, Principal
+from shared.contracts.workers import GoAhead
 from shared.messaging import Event
+from shared.rpc import command
 
 SERVICE = "training"
 JOBS = "training.jobs"
+HEARTBEATS = "training.heartbeat"
+POOL = "training"  # the training workers' pool
 DATASET_FILE_TYPES = ("image", "text")
 
 
@@ -140,10 +144,97 @@ class DeleteTrainings(DeleteTrainingsBody):
     actor: Principal
 
 
+# --- replies -------------------------------------------------------------------------------
+
+
+class CreatedDataset(BaseModel):
+    datasetName: str
+    s3PresignUrl: dict[str, str]  # file name -> presigned PUT URL
+
+
+class UpdatedDataset(BaseModel):
+    datasetName: str
+    status: DatasetStatus
+
+
+class DatasetSummary(BaseModel):
+    datasetName: str
+    s3: str
+    status: DatasetStatus
+    timestamp: float
+    description: str
+    prefix: str
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetSummary]
+    last_evaluated_key: str | None = None
+
+
+class DatasetFileView(BaseModel):
+    key: str
+    name: str
+    filename: str
+    type: str
+    preview_url: str
+
+
+class DatasetView(DatasetSummary):
+    dataset_name: str
+    data: list[DatasetFileView]
+
+
+class CreatedTraining(BaseModel):
+    id: str
+    status: TrainingStatus
+    params: dict[str, Any]
+    input_location: str
+    output_location: str
+
+
+class TrainingProgressView(BaseModel):
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+class TrainingView(BaseModel):
+    """A training as `GET /trainings/{id}` shows it; `error`, `progress`, `lora_name` and
+    `info` appear only when there is something to say."""
+
+    id: str
+    job_status: TrainingStatus
+    status: TrainingStatus
+    model_id: str | None
+    params: dict[str, Any]
+    input_location: str
+    output_location: str
+    checkpoint_id: str | None
+    timestamp: float
+    created: str | None
+    completed: str | None
+    owner: str
+    error: str | None = Field(None, exclude_if=_absent)
+    progress: TrainingProgressView | None = Field(None, exclude_if=_absent)
+    lora_name: str | None = Field(None, exclude_if=_absent)
+    info: dict[str, Any] | None = Field(None, exclude_if=_absent)
+
+
+class TrainingPage(BaseModel):
+    trainings: list[TrainingView]
+    last_evaluated_key: str | None = None
+
+
 # --- between the service and its workers ---------------------------------------------------
 
 
-class TrainLora(BaseModel):
+class RunTraining(BaseModel):
     """Sent to `training.jobs`: everything a training worker needs."""
 
     training_id: str
@@ -155,17 +246,14 @@ class TrainLora(BaseModel):
     fm_type: str
 
 
-class TrainingStarted(BaseModel):
+class ReportTrainingStarted(BaseModel):
+    """A worker took the training: may it run it?"""
+
     training_id: str
     worker_id: str
 
 
-class TrainingDecision(BaseModel):
-    run: bool
-    reason: str | None = None
-
-
-class TrainingDone(BaseModel):
+class ReportTrainingSucceeded(BaseModel):
     training_id: str
     worker_id: str
     final_key: str
@@ -173,7 +261,7 @@ class TrainingDone(BaseModel):
     info: dict[str, Any] = Field(default_factory=dict)
 
 
-class TrainingError(BaseModel):
+class ReportTrainingFailed(BaseModel):
     training_id: str
     worker_id: str
     error: str
@@ -205,3 +293,20 @@ class TrainingFailed(Event):
     training_id: str
     error: str
     owner: str
+
+
+# --- the commands (request -> reply) ---------------------------------------------------------
+
+CREATE_DATASET = command(SERVICE, CreateDataset, CreatedDataset)
+UPDATE_DATASET = command(SERVICE, UpdateDataset, UpdatedDataset)
+GET_DATASET = command(SERVICE, GetDataset, DatasetView)
+LIST_DATASETS = command(SERVICE, ListDatasets, DatasetList)
+DELETE_DATASETS = command(SERVICE, DeleteDatasets)
+CREATE_TRAINING = command(SERVICE, CreateTraining, CreatedTraining)
+GET_TRAINING = command(SERVICE, GetTraining, TrainingView)
+LIST_TRAININGS = command(SERVICE, ListTrainings, TrainingPage)
+DELETE_TRAININGS = command(SERVICE, DeleteTrainings)
+# from the workers
+REPORT_TRAINING_STARTED = command(SERVICE, ReportTrainingStarted, GoAhead)
+REPORT_TRAINING_SUCCEEDED = command(SERVICE, ReportTrainingSucceeded)
+REPORT_TRAINING_FAILED = command(SERVICE, ReportTrainingFailed)

@@ -30,6 +30,11 @@ def make_stack(var_dir) -> LocalStack:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _needs_rabbitmq(rabbitmq) -> None:
+    """Every test here talks to the real broker."""
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator[LocalStack]:
     running = make_stack(tmp_path_factory.mktemp("stack"))

@@ -10,6 +10,10 @@ from faststream.rabbit import RabbitBroker
 
 from services.checkpoint.__main__ import setup
 from shared.contracts.checkpoint import (
+    CREATE_CHECKPOINT,
+    DELETE_CHECKPOINTS,
+    GET_CHECKPOINT,
+    UPDATE_CHECKPOINT,
     DOWNLOADS,
     SERVICE,
     CheckpointItem,
@@ -45,7 +49,7 @@ async def rpc(service, rpc_factory):
 
 async def wait_settled(rpc, checkpoint_id: str) -> CheckpointItem:
     async def settled():
-        item = await rpc.call(SERVICE, "get", GetCheckpoint(actor=ADMIN, checkpoint_id=checkpoint_id), CheckpointItem)
+        item = await rpc.call(GET_CHECKPOINT, GetCheckpoint(actor=ADMIN, checkpoint_id=checkpoint_id))
         return item if item.status != "Initial" else None
 
     return await wait_for_async(settled, what="the download to settle")
@@ -53,11 +57,7 @@ async def wait_settled(rpc, checkpoint_id: str) -> CheckpointItem:
 
 async def test_internal_addresses_are_refused_by_default(rpc, file_server):
     (file_server.folder / "inside.safetensors").write_bytes(b"x" * 100)
-    created = await rpc.call(
-        SERVICE, "create",
-        CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/inside.safetensors"], actor=ADMIN),
-        CreatedCheckpoint,
-    )
+    created = await rpc.call(CREATE_CHECKPOINT, CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/inside.safetensors"], actor=ADMIN))
     item = await wait_settled(rpc, created.checkpoints[0].id)
     assert item.status == "Failed"
     assert "resolves to the internal address 127.0.0.1" in item.error
@@ -65,16 +65,12 @@ async def test_internal_addresses_are_refused_by_default(rpc, file_server):
 
 async def test_activation_and_deletion_are_announced(service, rpc, event_log):
     events = await event_log(service, "checkpoint.*")
-    created = await rpc.call(
-        SERVICE, "create",
-        CreateCheckpoint(checkpoint_type="VAE", filenames=[MultipartFile(filename="announce.pt", parts_number=1)], actor=ADMIN),
-        CreatedCheckpoint,
-    )
+    created = await rpc.call(CREATE_CHECKPOINT, CreateCheckpoint(checkpoint_type="VAE", filenames=[MultipartFile(filename="announce.pt", parts_number=1)], actor=ADMIN))
     async with httpx.AsyncClient() as client:
         response = await client.put(created.s3PresignUrl["announce.pt"][0], content=b"vae weights")
     tags = {"announce.pt": [PartTag(ETag=response.headers["etag"], PartNumber=1)]}
     checkpoint_id = created.checkpoint.id
-    await rpc.call(SERVICE, "update", UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN))
+    await rpc.call(UPDATE_CHECKPOINT, UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN))
     activated = await events.next("checkpoint.activated")
     assert activated == {
         "checkpoint_id": checkpoint_id,
@@ -84,8 +80,8 @@ async def test_activation_and_deletion_are_announced(service, rpc, event_log):
         "allowed_roles": ["IT Operator"],
     }
     # activating again (a client retrying) changes and announces nothing
-    await rpc.call(SERVICE, "update", UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN))
-    await rpc.call(SERVICE, "delete", DeleteCheckpoints(checkpoint_id_list=[checkpoint_id], actor=ADMIN))
+    await rpc.call(UPDATE_CHECKPOINT, UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN))
+    await rpc.call(DELETE_CHECKPOINTS, DeleteCheckpoints(checkpoint_id_list=[checkpoint_id], actor=ADMIN))
     assert (await events.next("checkpoint.deleted"))["checkpoint_id"] == checkpoint_id
 
 
@@ -111,17 +107,13 @@ async def test_a_redelivered_download_of_a_settled_checkpoint_does_nothing(servi
     from shared.contracts.checkpoint import DownloadCheckpoint
     from shared.messaging import send_work
 
-    created = await rpc.call(
-        SERVICE, "create",
-        CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/never.safetensors"], actor=ADMIN),
-        CreatedCheckpoint,
-    )
+    created = await rpc.call(CREATE_CHECKPOINT, CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/never.safetensors"], actor=ADMIN))
     first = await wait_settled(rpc, created.checkpoints[0].id)
     broker = create_broker(service)
     await broker.connect()
     await send_work(broker, Names(service.broker_prefix), DOWNLOADS, DownloadCheckpoint(checkpoint_id=first.id))
     await broker.stop()
     await asyncio.sleep(0.5)
-    again = await rpc.call(SERVICE, "get", GetCheckpoint(actor=ADMIN, checkpoint_id=first.id), CheckpointItem)
+    again = await rpc.call(GET_CHECKPOINT, GetCheckpoint(actor=ADMIN, checkpoint_id=first.id))
     assert (again.status, again.error) == (first.status, first.error)
 

@@ -7,13 +7,14 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from services.inference.handlers import Inference
+from services.inference.autoscaler import Autoscaler
+from services.inference.endpoints import Endpoints
 from services.inference.store import InferenceStore
 from shared.contracts.identity import Principal
-from shared.contracts.inference import SERVICE, CreateEndpoint, EndpointStatus, ListEndpoints, WorkerHeartbeat
+from shared.contracts.inference import SERVICE, CreateEndpoint, EndpointStatus, ListEndpoints
+from shared.contracts.workers import WorkerHeartbeat, WorkerState
 from shared.db import mongo_client
 from shared.messaging import EventPublisher, Names, QueueDepths, create_broker
-from shared.storage import ObjectStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -40,8 +41,8 @@ class IdlePool:
 
 
 @pytest.fixture
-async def inference(settings_factory, s3):
-    settings = settings_factory(**s3)
+async def inference(settings_factory):
+    settings = settings_factory()
     names = Names(settings.broker_prefix)
     async with AsyncExitStack() as stack:
         broker = create_broker(settings)
@@ -55,11 +56,16 @@ async def inference(settings_factory, s3):
         depths = QueueDepths(settings.amqp_url)
         stack.push_async_callback(depths.close)
         pool = IdlePool()
-        service = Inference(
-            store, await ObjectStore.open(settings, stack), pool, EventPublisher(broker, names), broker, names, depths,
-            start_timeout=0.5, scale_down_after=60,
+        events = EventPublisher(broker, names)
+
+        async def fail_job(inference_id: str, reason: str) -> None:
+            raise AssertionError("no job is queued in these tests")
+
+        endpoints = Endpoints(store, pool, events, broker, names, live_within=6, fail_job=fail_job)
+        autoscaler = Autoscaler(
+            store, pool, depths, events, names, live_within=6, start_timeout=0.5, scale_down_after=60
         )
-        yield service, pool
+        yield endpoints, autoscaler, pool
 
 
 def body(**overrides):
@@ -70,27 +76,27 @@ def body(**overrides):
 
 
 async def test_an_endpoint_whose_workers_never_come_up_fails_with_the_reason(inference):
-    service, pool = inference
-    view = await service.create_endpoint(body())
+    endpoints, autoscaler, pool = inference
+    view = await endpoints.create(body())
     assert (view.endpoint_name, view.endpoint_status) == ("esd-async-life", EndpointStatus.CREATING)
     assert pool.sizes["esd-async-life"] == 2
     await asyncio.sleep(0.6)
-    await service.autoscale_once()
-    endpoint = await service.store.endpoint("esd-async-life")
-    assert endpoint["status"] == EndpointStatus.FAILED
-    assert "no worker reported ready within 0.5 s" in endpoint["error"]
+    await autoscaler.once()
+    endpoint = await endpoints.store.endpoint("esd-async-life")
+    assert endpoint.status is EndpointStatus.FAILED
+    assert "no worker reported ready within 0.5 s" in endpoint.error
 
     # a worker that comes up after all brings the endpoint into service
-    await service.heartbeat(WorkerHeartbeat(endpoint_name="esd-async-life", worker_id="late", state="ready", at=time.time()))
-    endpoint = await service.store.endpoint("esd-async-life")
-    assert (endpoint["status"], endpoint["error"]) == (EndpointStatus.IN_SERVICE, None)
-    (listed,) = (await service.list_endpoints(ListEndpoints(actor=ADMIN))).endpoints
+    await endpoints.heartbeat(WorkerHeartbeat(pool="esd-async-life", worker_id="late", state=WorkerState.READY, at=time.time()))
+    endpoint = await endpoints.store.endpoint("esd-async-life")
+    assert (endpoint.status, endpoint.error) == (EndpointStatus.IN_SERVICE, None)
+    (listed,) = (await endpoints.list(ListEndpoints(actor=ADMIN))).endpoints
     assert listed.current_instance_count == "1"
 
 
 async def test_a_fixed_pool_is_kept_at_its_size(inference):
-    service, pool = inference
-    await service.create_endpoint(body(endpoint_name="fixed"))
+    endpoints, autoscaler, pool = inference
+    await endpoints.create(body(endpoint_name="fixed"))
     pool.sizes["esd-async-fixed"] = 1  # a worker died
-    await service.autoscale_once()
+    await autoscaler.once()
     assert pool.sizes["esd-async-fixed"] == 2

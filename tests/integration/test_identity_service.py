@@ -5,11 +5,19 @@ import asyncio
 import pytest
 
 from services.identity.__main__ import setup
-from services.identity.handlers import Identity
+from services.identity.roles import Roles
 from services.identity.store import IdentityStore
+from services.identity.users import Users
 from shared.contracts.identity import (
+    AUTHENTICATE_USER,
+    CREATE_ROLE,
+    CREATE_USER,
+    DELETE_ROLES,
+    DELETE_USERS,
+    LIST_ROLES,
+    LIST_USERS,
     SERVICE,
-    Authenticate,
+    AuthenticateUser,
     CreateRole,
     CreateUser,
     DeleteRoles,
@@ -37,7 +45,7 @@ async def identity(settings_factory, service_runner):
 @pytest.fixture(scope="module")
 async def admin(identity, rpc_factory) -> Principal:
     rpc = await rpc_factory(identity)
-    return await rpc.call(SERVICE, "authenticate", Authenticate(username="admin"), Principal)
+    return await rpc.call(AUTHENTICATE_USER, AuthenticateUser(username="admin"))
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +64,9 @@ async def test_bootstrap_again_changes_nothing(identity):
     client = mongo_client(identity)
     db = client[identity.database_name(SERVICE)]
     before = await db.users.find_one({"username": "admin"})
-    again = Identity(IdentityStore(db), EventPublisher(None, Names()), "admin")  # type: ignore[arg-type]
-    await again.bootstrap("another password")  # publishes nothing: everything exists
+    store, events = IdentityStore(db), EventPublisher(None, Names())  # type: ignore[arg-type]
+    await Roles(store, events, "admin").bootstrap()  # publishes nothing: everything exists
+    await Users(store, events, "admin").bootstrap("another password")
     assert await db.users.count_documents({"username": "admin"}) == 1
     assert await db.roles.count_documents({}) >= 2
     assert (await db.users.find_one({"username": "admin"}))["password_hash"] == before["password_hash"]
@@ -66,15 +75,12 @@ async def test_bootstrap_again_changes_nothing(identity):
 
 async def test_unknown_user_is_unauthorized(rpc):
     with pytest.raises(Unauthorized):
-        await rpc.call(SERVICE, "authenticate", Authenticate(username="nobody"), Principal)
+        await rpc.call(AUTHENTICATE_USER, AuthenticateUser(username="nobody"))
 
 
 async def test_created_user_is_stored_with_a_hash_and_announced(identity, rpc, admin, event_log):
     events = await event_log(identity, "user.*")
-    await rpc.call(
-        SERVICE,
-        "create_user",
-        CreateUser(username="hashme", password="s3cret-pw", roles=["byoc"], actor=admin),
+    await rpc.call(CREATE_USER, CreateUser(username="hashme", password="s3cret-pw", roles=["byoc"], actor=admin),
     )
     client = mongo_client(identity)
     doc = await client[identity.database_name(SERVICE)].users.find_one({"username": "hashme"})
@@ -84,80 +90,64 @@ async def test_created_user_is_stored_with_a_hash_and_announced(identity, rpc, a
     created = await events.next("user.created")
     assert created == {"username": "hashme", "roles": ["byoc"], "creator": "admin"}
 
-    await rpc.call(
-        SERVICE,
-        "create_user",
-        CreateUser(username="hashme", password="other", roles=["IT Operator"], actor=admin),
+    await rpc.call(CREATE_USER, CreateUser(username="hashme", password="other", roles=["IT Operator"], actor=admin),
     )
     assert (await events.next("user.updated"))["roles"] == ["IT Operator"]
 
 
 async def test_initial_user_is_created_once_and_never_changed(rpc):
     first = CreateUser(username="firstrun", password="a", initial=True)
-    await rpc.call(SERVICE, "create_user", first)
-    await rpc.call(SERVICE, "create_user", first.model_copy(update={"password": "b"}))
-    me = await rpc.call(SERVICE, "authenticate", Authenticate(username="firstrun"), Principal)
+    await rpc.call(CREATE_USER, first)
+    await rpc.call(CREATE_USER, first.model_copy(update={"password": "b"}))
+    me = await rpc.call(AUTHENTICATE_USER, AuthenticateUser(username="firstrun"))
     assert me.roles == ["IT Operator"]
 
 
 async def test_a_limited_creator_cannot_hand_out_more_than_it_has(rpc, admin):
-    await rpc.call(
-        SERVICE,
-        "create_role",
-        CreateRole(role_name="Lead", permissions=["user:create", "role:create", "train:list"], actor=admin),
+    await rpc.call(CREATE_ROLE, CreateRole(role_name="Lead", permissions=["user:create", "role:create", "train:list"], actor=admin),
     )
-    await rpc.call(
-        SERVICE, "create_user", CreateUser(username="lead", password="x", roles=["Lead"], actor=admin)
+    await rpc.call(CREATE_USER, CreateUser(username="lead", password="x", roles=["Lead"], actor=admin)
     )
-    lead = await rpc.call(SERVICE, "authenticate", Authenticate(username="lead"), Principal)
+    lead = await rpc.call(AUTHENTICATE_USER, AuthenticateUser(username="lead"))
     with pytest.raises(Forbidden, match="lead has no permission to assign"):
-        await rpc.call(
-            SERVICE,
-            "create_user",
-            CreateUser(username="intern", password="x", roles=["IT Operator"], actor=lead),
+        await rpc.call(CREATE_USER, CreateUser(username="intern", password="x", roles=["IT Operator"], actor=lead),
         )
     with pytest.raises(Forbidden):
-        await rpc.call(
-            SERVICE,
-            "create_role",
-            CreateRole(role_name="Sneaky", permissions=["train:all"], actor=lead),
+        await rpc.call(CREATE_ROLE, CreateRole(role_name="Sneaky", permissions=["train:all"], actor=lead),
         )
-    role = await rpc.call(
-        SERVICE, "create_role", CreateRole(role_name="Trainee", permissions=["train:list"], actor=lead)
+    role = await rpc.call(CREATE_ROLE, CreateRole(role_name="Trainee", permissions=["train:list"], actor=lead)
     )
-    assert role["creator"] == "lead"
+    assert role.creator == "lead"
 
 
 async def test_deleting_a_role_removes_it_from_its_users(identity, rpc, admin, event_log):
     events = await event_log(identity, "role.*")
-    await rpc.call(
-        SERVICE, "create_role", CreateRole(role_name="Temp", permissions=["inference:list"], actor=admin)
+    await rpc.call(CREATE_ROLE, CreateRole(role_name="Temp", permissions=["inference:list"], actor=admin)
     )
-    await rpc.call(
-        SERVICE, "create_user", CreateUser(username="temp1", password="x", roles=["Temp", "byoc"], actor=admin)
+    await rpc.call(CREATE_USER, CreateUser(username="temp1", password="x", roles=["Temp", "byoc"], actor=admin)
     )
-    await rpc.call(SERVICE, "delete_roles", DeleteRoles(role_name_list=["Temp", "NoSuch"], actor=admin))
-    users = await rpc.call(SERVICE, "list_users", ListUsers(actor=admin, username="temp1"), UserList)
+    await rpc.call(DELETE_ROLES, DeleteRoles(role_name_list=["Temp", "NoSuch"], actor=admin))
+    users = await rpc.call(LIST_USERS, ListUsers(actor=admin, username="temp1"))
     assert users.users[0].roles == ["byoc"]
-    roles = await rpc.call(SERVICE, "list_roles", ListRoles(actor=admin, role="Temp"), RoleList)
+    roles = await rpc.call(LIST_ROLES, ListRoles(actor=admin, role="Temp"))
     assert roles.roles == []
     assert (await events.next("role.deleted")) == {"role_name": "Temp"}
 
 
 async def test_the_default_role_stays(rpc, admin):
     with pytest.raises(Invalid, match="cannot delete default role"):
-        await rpc.call(SERVICE, "delete_roles", DeleteRoles(role_name_list=["IT Operator"], actor=admin))
+        await rpc.call(DELETE_ROLES, DeleteRoles(role_name_list=["IT Operator"], actor=admin))
 
 
 async def test_deleting_users_skips_unknown_names(rpc, admin):
-    await rpc.call(SERVICE, "create_user", CreateUser(username="gone", password="x", roles=[], actor=admin))
-    await rpc.call(SERVICE, "delete_users", DeleteUsers(user_name_list=["gone", "never-was"], actor=admin))
+    await rpc.call(CREATE_USER, CreateUser(username="gone", password="x", roles=[], actor=admin))
+    await rpc.call(DELETE_USERS, DeleteUsers(user_name_list=["gone", "never-was"], actor=admin))
     with pytest.raises(Unauthorized):
-        await rpc.call(SERVICE, "authenticate", Authenticate(username="gone"), Principal)
+        await rpc.call(AUTHENTICATE_USER, AuthenticateUser(username="gone"))
 
 
 async def test_concurrent_commands_are_served(rpc, admin):
     replies = await asyncio.gather(
-        *[rpc.call(SERVICE, "list_users", ListUsers(actor=admin), UserList) for _ in range(50)]
+        *[rpc.call(LIST_USERS, ListUsers(actor=admin)) for _ in range(50)]
     )
     assert all(any(u.username == "admin" for u in reply.users) for reply in replies)

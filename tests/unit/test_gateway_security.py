@@ -98,7 +98,7 @@ class FakeRpc:
         self.calls = 0
         self.gate: asyncio.Event | None = None
 
-    async def call(self, service, command, message, reply):
+    async def call(self, command, message, *, timeout=None):
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()

@@ -1,29 +1,50 @@
 """/checkpoints: upload (multipart or by URL), activate, rename, disable, list, delete."""
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
-from services.gateway.envelope import respond
-from services.gateway.security import named_user, require
+from services.gateway.envelope import answers, respond
+from services.gateway.security import named_user, require, rpc
 from shared.contracts.checkpoint import (
-    SERVICE,
+    CREATE_CHECKPOINT,
+    DELETE_CHECKPOINTS,
+    GET_CHECKPOINT,
+    LIST_CHECKPOINTS,
+    UPDATE_CHECKPOINT,
     CheckpointItem,
     CheckpointPage,
+    CheckpointView,
     CreateCheckpoint,
     CreateCheckpointBody,
-    CreatedCheckpoint,
     DeleteCheckpoints,
     DeleteCheckpointsBody,
     GetCheckpoint,
     ListCheckpoints,
     UpdateCheckpoint,
     UpdateCheckpointBody,
-    UpdatedCheckpoint,
 )
 from shared.contracts.identity import Principal
 
 router = APIRouter(tags=["checkpoints"])
+
+
+class OneCheckpoint(BaseModel):
+    checkpoint: CheckpointItem
+
+
+class UploadStarted(BaseModel):
+    checkpoint: CheckpointView
+    s3PresignUrl: dict[str, list[str]]  # file name -> one PUT URL per part
+
+
+class DownloadsStarted(BaseModel):
+    checkpoints: list[CheckpointView]
+
+
+class CheckpointUpdated(BaseModel):
+    checkpoint: CheckpointView | None = None
 
 
 def _split(values: list[str]) -> list[str]:
@@ -31,7 +52,7 @@ def _split(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-@router.get("/checkpoints")
+@router.get("/checkpoints", responses=answers({200: CheckpointPage}, 400, 401))
 async def list_checkpoints(
     request: Request,
     principal: Principal = Depends(require("checkpoint:all", "checkpoint:list")),
@@ -42,50 +63,47 @@ async def list_checkpoints(
     username: str | None = None,
 ) -> Response:
     command = ListCheckpoints(
-        actor=principal,
-        page=page,
-        per_page=per_page,
-        types=_split(types),
-        status=_split(status),
+        actor=principal, page=page, per_page=per_page, types=_split(types), status=_split(status)
     )
     if username:
         subject = await named_user(request, username)
         command.as_roles, command.as_username = subject.roles, subject.username
-    result = await request.app.state.rpc.call(SERVICE, "list", command, CheckpointPage)
-    return respond(200, result)
+    return respond(200, await rpc(request).call(LIST_CHECKPOINTS, command))
 
 
-@router.get("/checkpoints/{checkpoint_id}")
+@router.get("/checkpoints/{checkpoint_id}", responses=answers({200: OneCheckpoint}, 401, 404))
 async def get_checkpoint(
     request: Request,
     checkpoint_id: str,
     principal: Principal = Depends(require("checkpoint:all", "checkpoint:list")),
 ) -> Response:
-    item = await request.app.state.rpc.call(
-        SERVICE, "get", GetCheckpoint(actor=principal, checkpoint_id=checkpoint_id), CheckpointItem
-    )
-    return respond(200, {"checkpoint": item.model_dump(mode="json")})
+    item = await rpc(request).call(GET_CHECKPOINT, GetCheckpoint(actor=principal, checkpoint_id=checkpoint_id))
+    return respond(200, OneCheckpoint(checkpoint=item))
 
 
-@router.post("/checkpoints", status_code=201, openapi_extra=body_doc(CreateCheckpointBody))
+@router.post(
+    "/checkpoints", status_code=201, openapi_extra=body_doc(CreateCheckpointBody),
+    responses=answers({201: UploadStarted, 202: DownloadsStarted}, 400, 401, 413),
+)
 async def create_checkpoint(
     request: Request,
     principal: Principal = Depends(require("checkpoint:all", "checkpoint:create")),
     body: CreateCheckpointBody = Depends(json_body(CreateCheckpointBody)),
 ) -> Response:
-    created = await request.app.state.rpc.call(
-        SERVICE, "create", CreateCheckpoint(**body.model_dump(), actor=principal), CreatedCheckpoint
-    )
+    created = await rpc(request).call(CREATE_CHECKPOINT, CreateCheckpoint(**body.model_dump(), actor=principal))
     if body.urls is not None:
         return respond(
             202,
-            created.model_dump(mode="json", include={"checkpoints"}),
+            DownloadsStarted(checkpoints=created.checkpoints or []),
             message="Checkpoint creation in progress, please check later",
         )
-    return respond(201, created.model_dump(mode="json", include={"checkpoint", "s3PresignUrl"}))
+    return respond(201, UploadStarted(checkpoint=created.checkpoint, s3PresignUrl=created.s3PresignUrl or {}))
 
 
-@router.put("/checkpoints/{checkpoint_id}", openapi_extra=body_doc(UpdateCheckpointBody))
+@router.put(
+    "/checkpoints/{checkpoint_id}", openapi_extra=body_doc(UpdateCheckpointBody),
+    responses=answers({200: CheckpointUpdated, 202: None}, 400, 401, 404, 413),
+)
 async def update_checkpoint(
     request: Request,
     checkpoint_id: str,
@@ -93,19 +111,19 @@ async def update_checkpoint(
     body: UpdateCheckpointBody = Depends(json_body(UpdateCheckpointBody)),
 ) -> Response:
     command = UpdateCheckpoint(**body.model_dump(), actor=principal, checkpoint_id=checkpoint_id)
-    updated = await request.app.state.rpc.call(SERVICE, "update", command, UpdatedCheckpoint)
-    data = {"checkpoint": updated.checkpoint.model_dump(mode="json")} if updated.checkpoint else None
+    updated = await rpc(request).call(UPDATE_CHECKPOINT, command)
+    data = CheckpointUpdated(checkpoint=updated.checkpoint) if updated.checkpoint else None
     return respond(updated.status, data, message=updated.message)
 
 
-@router.delete("/checkpoints", status_code=204, openapi_extra=body_doc(DeleteCheckpointsBody))
+@router.delete(
+    "/checkpoints", status_code=204, openapi_extra=body_doc(DeleteCheckpointsBody),
+    responses=answers({204: None}, 400, 401, 413),
+)
 async def delete_checkpoints(
     request: Request,
     principal: Principal = Depends(require("checkpoint:all")),
     body: DeleteCheckpointsBody = Depends(json_body(DeleteCheckpointsBody)),
 ) -> Response:
-    await request.app.state.rpc.call(
-        SERVICE, "delete", DeleteCheckpoints(**body.model_dump(), actor=principal)
-    )
+    await rpc(request).call(DELETE_CHECKPOINTS, DeleteCheckpoints(**body.model_dump(), actor=principal))
     return respond(204)
-

@@ -4,11 +4,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
-from services.gateway.envelope import respond
-from services.gateway.security import named_user, require
+from services.gateway.envelope import answers, respond
+from services.gateway.security import named_user, require, rpc
 from shared.contracts.identity import Principal
 from shared.contracts.inference import (
-    SERVICE,
+    CREATE_ENDPOINT,
+    DELETE_ENDPOINTS,
+    LIST_ENDPOINTS,
     CreateEndpoint,
     CreateEndpointBody,
     DeleteEndpoints,
@@ -21,7 +23,7 @@ from shared.contracts.inference import (
 router = APIRouter(tags=["endpoints"])
 
 
-@router.get("/endpoints")
+@router.get("/endpoints", responses=answers({200: EndpointPage}, 400, 401))
 async def list_endpoints(
     request: Request,
     principal: Principal = Depends(require("sagemaker_endpoint:all", "sagemaker_endpoint:list")),
@@ -32,30 +34,31 @@ async def list_endpoints(
     command = ListEndpoints(actor=principal, limit=limit, exclusive_start_key=exclusive_start_key)
     if username:
         command.as_roles = (await named_user(request, username)).roles
-    page = await request.app.state.rpc.call(SERVICE, "list_endpoints", command, EndpointPage)
-    return respond(200, page)
+    return respond(200, await rpc(request).call(LIST_ENDPOINTS, command))
 
 
-@router.post("/endpoints", status_code=202, openapi_extra=body_doc(CreateEndpointBody))
+@router.post(
+    "/endpoints", status_code=202, openapi_extra=body_doc(CreateEndpointBody),
+    responses=answers({202: EndpointView}, 400, 401, 413),
+)
 async def create_endpoint(
     request: Request,
     principal: Principal = Depends(require("sagemaker_endpoint:all", "sagemaker_endpoint:create")),
     body: CreateEndpointBody = Depends(json_body(CreateEndpointBody)),
 ) -> Response:
-    endpoint = await request.app.state.rpc.call(
-        SERVICE, "create_endpoint", CreateEndpoint(**body.model_dump(), actor=principal), EndpointView
-    )
+    endpoint = await rpc(request).call(CREATE_ENDPOINT, CreateEndpoint(**body.model_dump(), actor=principal))
     return respond(202, endpoint, message=f"Endpoint deployment started: {endpoint.endpoint_name}")
 
 
-@router.delete("/endpoints", status_code=204, openapi_extra=body_doc(DeleteEndpointsBody))
+@router.delete(
+    "/endpoints", status_code=204, openapi_extra=body_doc(DeleteEndpointsBody),
+    responses=answers({204: None}, 400, 401, 413),
+)
 async def delete_endpoints(
     request: Request,
     principal: Principal = Depends(require("sagemaker_endpoint:all")),
     body: DeleteEndpointsBody = Depends(json_body(DeleteEndpointsBody)),
 ) -> Response:
     # stopping a pool lets running jobs finish: allow for it
-    await request.app.state.rpc.call(
-        SERVICE, "delete_endpoints", DeleteEndpoints(**body.model_dump(), actor=principal), timeout=120
-    )
+    await rpc(request).call(DELETE_ENDPOINTS, DeleteEndpoints(**body.model_dump(), actor=principal), timeout=120)
     return respond(204)

@@ -2,14 +2,19 @@
 exist), read it, list and delete jobs."""
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
-from services.gateway.envelope import respond
-from services.gateway.security import require
+from services.gateway.envelope import answers, respond
+from services.gateway.security import require, rpc
 from shared.contracts.identity import Principal
 from shared.contracts.inference import (
-    SERVICE,
+    CREATE_INFERENCE,
+    DELETE_INFERENCES,
+    GET_INFERENCE,
+    LIST_INFERENCES,
+    START_INFERENCE,
     CreatedInference,
     CreateInference,
     CreateInferenceBody,
@@ -18,9 +23,10 @@ from shared.contracts.inference import (
     EndpointType,
     GetInference,
     InferencePage,
+    InferenceStart,
+    InferenceView,
     JobStatus,
     ListInferences,
-    StartedInference,
     StartInference,
 )
 
@@ -29,51 +35,58 @@ router = APIRouter(tags=["inferences"])
 CAN_RUN = ("inference:all", "inference:create")
 
 
-async def _get(request: Request, principal: Principal, inference_id: str) -> dict:
-    return await request.app.state.rpc.call(
-        SERVICE, "get", GetInference(actor=principal, inference_id=inference_id)
-    )
+class NewInference(BaseModel):
+    inference: CreatedInference
+
+
+class RunningInference(BaseModel):
+    inference: InferenceStart
+
+
+async def _get(request: Request, principal: Principal, inference_id: str) -> InferenceView:
+    return await rpc(request).call(GET_INFERENCE, GetInference(actor=principal, inference_id=inference_id))
 
 
 async def _start(request: Request, principal: Principal, inference_id: str) -> Response:
     app = request.app.state
     async with app.completions.watch(inference_id) as finished:
-        started = await app.rpc.call(
-            SERVICE, "start", StartInference(actor=principal, inference_id=inference_id), StartedInference
-        )
+        started = await rpc(request).call(START_INFERENCE, StartInference(actor=principal, inference_id=inference_id))
         if started.inference_type is EndpointType.ASYNC:
-            return respond(202, {"inference": started.inference})
+            return respond(202, RunningInference(inference=started.inference))
 
         async def done() -> bool:
-            job = await _get(request, principal, inference_id)
-            return job["status"] in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+            return (await _get(request, principal, inference_id)).status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
         await app.completions.wait(finished, finished=done, timeout=app.settings.realtime_timeout, inference_id=inference_id)
     return respond(200, await _get(request, principal, inference_id))
 
 
-@router.post("/inferences", status_code=201, openapi_extra=body_doc(CreateInferenceBody))
+@router.post(
+    "/inferences", status_code=201, openapi_extra=body_doc(CreateInferenceBody),
+    responses=answers({201: NewInference, 200: InferenceView, 202: RunningInference}, 400, 401, 413, 504),
+)
 async def create_inference(
     request: Request,
     principal: Principal = Depends(require(*CAN_RUN)),
     body: CreateInferenceBody = Depends(json_body(CreateInferenceBody)),
 ) -> Response:
-    created = await request.app.state.rpc.call(
-        SERVICE, "create", CreateInference(**body.model_dump(), actor=principal), CreatedInference
-    )
+    created = await rpc(request).call(CREATE_INFERENCE, CreateInference(**body.model_dump(), actor=principal))
     if body.payload_string is not None:  # the "one API": create and start at once
-        return await _start(request, principal, created.inference["id"])
-    return respond(201, {"inference": created.inference})
+        return await _start(request, principal, created.id)
+    return respond(201, NewInference(inference=created))
 
 
-@router.put("/inferences/{inference_id}/start")
+@router.put(
+    "/inferences/{inference_id}/start",
+    responses=answers({202: RunningInference, 200: InferenceView}, 400, 401, 504),
+)
 async def start_inference(
     request: Request, inference_id: str, principal: Principal = Depends(require(*CAN_RUN))
 ) -> Response:
     return await _start(request, principal, inference_id)
 
 
-@router.get("/inferences/{inference_id}")
+@router.get("/inferences/{inference_id}", responses=answers({200: InferenceView}, 401, 404))
 async def get_inference(
     request: Request,
     inference_id: str,
@@ -82,7 +95,7 @@ async def get_inference(
     return respond(200, await _get(request, principal, inference_id))
 
 
-@router.get("/inferences")
+@router.get("/inferences", responses=answers({200: InferencePage}, 400, 401))
 async def list_inferences(
     request: Request,
     principal: Principal = Depends(require("inference:all", "inference:list")),
@@ -94,17 +107,17 @@ async def list_inferences(
     command = ListInferences(
         actor=principal, task_type=type, username=username, limit=limit, exclusive_start_key=exclusive_start_key
     )
-    page = await request.app.state.rpc.call(SERVICE, "list", command, InferencePage)
-    return respond(200, page)
+    return respond(200, await rpc(request).call(LIST_INFERENCES, command))
 
 
-@router.delete("/inferences", status_code=204, openapi_extra=body_doc(DeleteInferencesBody))
+@router.delete(
+    "/inferences", status_code=204, openapi_extra=body_doc(DeleteInferencesBody),
+    responses=answers({204: None}, 400, 401, 413),
+)
 async def delete_inferences(
     request: Request,
     principal: Principal = Depends(require("inference:all")),
     body: DeleteInferencesBody = Depends(json_body(DeleteInferencesBody)),
 ) -> Response:
-    await request.app.state.rpc.call(
-        SERVICE, "delete", DeleteInferences(**body.model_dump(), actor=principal)
-    )
+    await rpc(request).call(DELETE_INFERENCES, DeleteInferences(**body.model_dump(), actor=principal))
     return respond(204)

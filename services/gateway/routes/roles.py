@@ -4,15 +4,12 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
-from services.gateway.envelope import respond
-from services.gateway.security import (
-    check_permissions,
-    current_principal,
-    optional_principal,
-    require,
-)
+from services.gateway.envelope import answers, respond
+from services.gateway.security import check_permissions, current_principal, optional_principal, require, rpc
 from shared.contracts.identity import (
-    SERVICE,
+    CREATE_ROLE,
+    DELETE_ROLES,
+    LIST_ROLES,
     CreateRole,
     CreateRoleBody,
     DeleteRoles,
@@ -26,40 +23,31 @@ from shared.contracts.identity import (
 router = APIRouter(tags=["roles"])
 
 
-@router.get("/roles")
+@router.get("/roles", responses=answers({200: RoleList}, 401))
 async def list_roles(
     request: Request,
     role: str | None = None,
     principal: Principal = Depends(require("role:all", "role:list")),
 ) -> Response:
-    roles = await request.app.state.rpc.call(
-        SERVICE, "list_roles", ListRoles(actor=principal, role=role), RoleList
-    )
-    return respond(200, roles)
+    return respond(200, await rpc(request).call(LIST_ROLES, ListRoles(actor=principal, role=role)))
 
 
-@router.post("/roles", status_code=201, openapi_extra=body_doc(CreateRoleBody))
-async def create_role(
-    request: Request, body: CreateRoleBody = Depends(json_body(CreateRoleBody))
-) -> Response:
+@router.post("/roles", status_code=201, openapi_extra=body_doc(CreateRoleBody), responses=answers({201: RoleView}, 400, 401, 413))
+async def create_role(request: Request, body: CreateRoleBody = Depends(json_body(CreateRoleBody))) -> Response:
     if body.initial:
         actor = await optional_principal(request)
     else:
         actor = await current_principal(request)
         check_permissions(actor, ["role:all", "role:create"])
-    role = await request.app.state.rpc.call(
-        SERVICE, "create_role", CreateRole(**body.model_dump(), actor=actor), RoleView
-    )
+    role = await rpc(request).call(CREATE_ROLE, CreateRole(**body.model_dump(), actor=actor))
     return respond(201, role, message="role created")
 
 
-@router.delete("/roles", status_code=204, openapi_extra=body_doc(DeleteRolesBody))
+@router.delete("/roles", status_code=204, openapi_extra=body_doc(DeleteRolesBody), responses=answers({204: None}, 400, 401, 413))
 async def delete_roles(
     request: Request,
     principal: Principal = Depends(require("role:all")),
     body: DeleteRolesBody = Depends(json_body(DeleteRolesBody)),
 ) -> Response:
-    await request.app.state.rpc.call(
-        SERVICE, "delete_roles", DeleteRoles(**body.model_dump(), actor=principal)
-    )
+    await rpc(request).call(DELETE_ROLES, DeleteRoles(**body.model_dump(), actor=principal))
     return respond(204)

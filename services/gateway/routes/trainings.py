@@ -4,15 +4,27 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
-from services.gateway.envelope import respond
-from services.gateway.security import require
+from services.gateway.envelope import answers, respond
+from services.gateway.security import require, rpc
 from shared.contracts.identity import Principal
 from shared.contracts.training import (
-    SERVICE,
+    CREATE_DATASET,
+    CREATE_TRAINING,
+    DELETE_DATASETS,
+    DELETE_TRAININGS,
+    GET_DATASET,
+    GET_TRAINING,
+    LIST_DATASETS,
+    LIST_TRAININGS,
+    UPDATE_DATASET,
     CreateDataset,
     CreateDatasetBody,
+    CreatedDataset,
+    CreatedTraining,
     CreateTraining,
     CreateTrainingBody,
+    DatasetList,
+    DatasetView,
     DeleteDatasets,
     DeleteDatasetsBody,
     DeleteTrainings,
@@ -21,62 +33,103 @@ from shared.contracts.training import (
     GetTraining,
     ListDatasets,
     ListTrainings,
+    TrainingPage,
+    TrainingView,
     UpdateDataset,
     UpdateDatasetBody,
+    UpdatedDataset,
 )
 
 router = APIRouter(tags=["trainings"])
 TRAIN = require("train:all")
 
 
-def _rpc(request: Request):
-    return request.app.state.rpc
+@router.post(
+    "/trainings", status_code=201, openapi_extra=body_doc(CreateTrainingBody),
+    responses=answers({201: CreatedTraining}, 400, 401, 413),
+)
+async def create_training(
+    request: Request,
+    principal: Principal = Depends(TRAIN),
+    body: CreateTrainingBody = Depends(json_body(CreateTrainingBody)),
+) -> Response:
+    created = await rpc(request).call(CREATE_TRAINING, CreateTraining(**body.model_dump(), actor=principal))
+    return respond(201, created)
 
 
-@router.post("/trainings", status_code=201, openapi_extra=body_doc(CreateTrainingBody))
-async def create_training(request: Request, principal: Principal = Depends(TRAIN), body: CreateTrainingBody = Depends(json_body(CreateTrainingBody))) -> Response:
-    return respond(201, await _rpc(request).call(SERVICE, "create", CreateTraining(**body.model_dump(), actor=principal)))
-
-
-@router.get("/trainings")
-async def list_trainings(request: Request, principal: Principal = Depends(TRAIN), limit: int = Query(10, ge=1, le=100), exclusive_start_key: str | None = None) -> Response:
+@router.get("/trainings", responses=answers({200: TrainingPage}, 400, 401))
+async def list_trainings(
+    request: Request,
+    principal: Principal = Depends(TRAIN),
+    limit: int = Query(10, ge=1, le=100),
+    exclusive_start_key: str | None = None,
+) -> Response:
     command = ListTrainings(actor=principal, limit=limit, exclusive_start_key=exclusive_start_key)
-    return respond(200, await _rpc(request).call(SERVICE, "list", command))
+    return respond(200, await rpc(request).call(LIST_TRAININGS, command))
 
 
-@router.get("/trainings/{training_id}")
+@router.get("/trainings/{training_id}", responses=answers({200: TrainingView}, 401, 404))
 async def get_training(request: Request, training_id: str, principal: Principal = Depends(TRAIN)) -> Response:
-    return respond(200, await _rpc(request).call(SERVICE, "get", GetTraining(actor=principal, training_id=training_id)))
+    return respond(200, await rpc(request).call(GET_TRAINING, GetTraining(actor=principal, training_id=training_id)))
 
 
-@router.delete("/trainings", status_code=204, openapi_extra=body_doc(DeleteTrainingsBody))
-async def delete_trainings(request: Request, principal: Principal = Depends(TRAIN), body: DeleteTrainingsBody = Depends(json_body(DeleteTrainingsBody))) -> Response:
-    await _rpc(request).call(SERVICE, "delete", DeleteTrainings(**body.model_dump(), actor=principal))
+@router.delete(
+    "/trainings", status_code=204, openapi_extra=body_doc(DeleteTrainingsBody),
+    responses=answers({204: None}, 400, 401, 413),
+)
+async def delete_trainings(
+    request: Request,
+    principal: Principal = Depends(TRAIN),
+    body: DeleteTrainingsBody = Depends(json_body(DeleteTrainingsBody)),
+) -> Response:
+    await rpc(request).call(DELETE_TRAININGS, DeleteTrainings(**body.model_dump(), actor=principal))
     return respond(204)
 
 
-@router.post("/datasets", status_code=201, openapi_extra=body_doc(CreateDatasetBody))
-async def create_dataset(request: Request, principal: Principal = Depends(TRAIN), body: CreateDatasetBody = Depends(json_body(CreateDatasetBody))) -> Response:
-    return respond(201, await _rpc(request).call(SERVICE, "create_dataset", CreateDataset(**body.model_dump(), actor=principal)))
+@router.post(
+    "/datasets", status_code=201, openapi_extra=body_doc(CreateDatasetBody),
+    responses=answers({201: CreatedDataset}, 400, 401, 413),
+)
+async def create_dataset(
+    request: Request,
+    principal: Principal = Depends(TRAIN),
+    body: CreateDatasetBody = Depends(json_body(CreateDatasetBody)),
+) -> Response:
+    return respond(201, await rpc(request).call(CREATE_DATASET, CreateDataset(**body.model_dump(), actor=principal)))
 
 
-@router.put("/datasets/{dataset_name}", openapi_extra=body_doc(UpdateDatasetBody))
-async def update_dataset(request: Request, dataset_name: str, principal: Principal = Depends(TRAIN), body: UpdateDatasetBody = Depends(json_body(UpdateDatasetBody))) -> Response:
+@router.put(
+    "/datasets/{dataset_name}", openapi_extra=body_doc(UpdateDatasetBody),
+    responses=answers({200: UpdatedDataset}, 400, 401, 404, 413),
+)
+async def update_dataset(
+    request: Request,
+    dataset_name: str,
+    principal: Principal = Depends(TRAIN),
+    body: UpdateDatasetBody = Depends(json_body(UpdateDatasetBody)),
+) -> Response:
     command = UpdateDataset(**body.model_dump(), actor=principal, dataset_name=dataset_name)
-    return respond(200, await _rpc(request).call(SERVICE, "update_dataset", command))
+    return respond(200, await rpc(request).call(UPDATE_DATASET, command))
 
 
-@router.get("/datasets")
+@router.get("/datasets", responses=answers({200: DatasetList}, 401))
 async def list_datasets(request: Request, principal: Principal = Depends(TRAIN)) -> Response:
-    return respond(200, await _rpc(request).call(SERVICE, "list_datasets", ListDatasets(actor=principal)))
+    return respond(200, await rpc(request).call(LIST_DATASETS, ListDatasets(actor=principal)))
 
 
-@router.get("/datasets/{dataset_name}")
+@router.get("/datasets/{dataset_name}", responses=answers({200: DatasetView}, 401, 404))
 async def get_dataset(request: Request, dataset_name: str, principal: Principal = Depends(TRAIN)) -> Response:
-    return respond(200, await _rpc(request).call(SERVICE, "get_dataset", GetDataset(actor=principal, dataset_name=dataset_name)))
+    return respond(200, await rpc(request).call(GET_DATASET, GetDataset(actor=principal, dataset_name=dataset_name)))
 
 
-@router.delete("/datasets", status_code=204, openapi_extra=body_doc(DeleteDatasetsBody))
-async def delete_datasets(request: Request, principal: Principal = Depends(TRAIN), body: DeleteDatasetsBody = Depends(json_body(DeleteDatasetsBody))) -> Response:
-    await _rpc(request).call(SERVICE, "delete_datasets", DeleteDatasets(**body.model_dump(), actor=principal))
+@router.delete(
+    "/datasets", status_code=204, openapi_extra=body_doc(DeleteDatasetsBody),
+    responses=answers({204: None}, 400, 401, 413),
+)
+async def delete_datasets(
+    request: Request,
+    principal: Principal = Depends(TRAIN),
+    body: DeleteDatasetsBody = Depends(json_body(DeleteDatasetsBody)),
+) -> Response:
+    await rpc(request).call(DELETE_DATASETS, DeleteDatasets(**body.model_dump(), actor=principal))
     return respond(204)

@@ -4,15 +4,12 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
-from services.gateway.envelope import respond
-from services.gateway.security import (
-    check_permissions,
-    current_principal,
-    optional_principal,
-    require,
-)
+from services.gateway.envelope import answers, respond
+from services.gateway.security import check_permissions, current_principal, optional_principal, require, rpc
 from shared.contracts.identity import (
-    SERVICE,
+    CREATE_USER,
+    DELETE_USERS,
+    LIST_USERS,
     CreateUser,
     CreateUserBody,
     DeleteUsers,
@@ -25,41 +22,34 @@ from shared.contracts.identity import (
 router = APIRouter(tags=["users"])
 
 
-@router.get("/users")
+@router.get("/users", responses=answers({200: UserList}, 401))
 async def list_users(
     request: Request,
     username: str | None = None,
     principal: Principal = Depends(current_principal),
 ) -> Response:
     # Without user:list a caller still gets an answer: itself (identity decides).
-    users = await request.app.state.rpc.call(
-        SERVICE, "list_users", ListUsers(actor=principal, username=username), UserList
-    )
+    users = await rpc(request).call(LIST_USERS, ListUsers(actor=principal, username=username))
     return respond(200, users)
 
 
-@router.post("/users", status_code=201, openapi_extra=body_doc(CreateUserBody))
-async def create_user(
-    request: Request, body: CreateUserBody = Depends(json_body(CreateUserBody))
-) -> Response:
+@router.post("/users", status_code=201, openapi_extra=body_doc(CreateUserBody), responses=answers({201: None}, 400, 401, 413))
+async def create_user(request: Request, body: CreateUserBody = Depends(json_body(CreateUserBody))) -> Response:
     if body.initial:
         # a client's first-run bootstrap: the key suffices
         actor = await optional_principal(request)
     else:
         actor = await current_principal(request)
         check_permissions(actor, ["user:all", "user:create"])
-    command = CreateUser(**body.model_dump(), actor=actor)
-    await request.app.state.rpc.call(SERVICE, "create_user", command)
+    await rpc(request).call(CREATE_USER, CreateUser(**body.model_dump(), actor=actor))
     return respond(201)
 
 
-@router.delete("/users", status_code=204, openapi_extra=body_doc(DeleteUsersBody))
+@router.delete("/users", status_code=204, openapi_extra=body_doc(DeleteUsersBody), responses=answers({204: None}, 400, 401, 413))
 async def delete_users(
     request: Request,
     principal: Principal = Depends(require("user:all")),
     body: DeleteUsersBody = Depends(json_body(DeleteUsersBody)),
 ) -> Response:
-    await request.app.state.rpc.call(
-        SERVICE, "delete_users", DeleteUsers(**body.model_dump(), actor=principal)
-    )
+    await rpc(request).call(DELETE_USERS, DeleteUsers(**body.model_dump(), actor=principal))
     return respond(204)

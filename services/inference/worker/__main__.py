@@ -1,11 +1,9 @@
 """An inference worker: one member of an endpoint's pool.
 
-It consumes `inference.<endpoint>` one job at a time (prefetch 1). For each job it tells the
-service it starts (a redelivered job that already finished is skipped), fetches the payload and
-the model files (kept in a local disk cache), runs the engine off the event loop while
-reporting progress, stores the images and `<id>_param.json`, reports the outcome, and only then
-acks: a worker killed mid-job leaves its job to be redelivered to another worker. It beats a
-heartbeat so the service knows the pool's live size.
+It takes jobs from `inference.<endpoint>` one at a time (see `shared/worker.py` for what every
+worker does around a job). For each job it fetches the payload and the model files (kept in the
+shared model cache), runs the engine off the event loop while reporting progress, stores the
+images and `<id>_param.json`, and reports the outcome.
 
     python -m services.inference.worker --endpoint esd-async-test --worker-id w1
 """
@@ -15,34 +13,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import time
-from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import structlog
-from faststream import AckPolicy
-from faststream.rabbit import Channel
 
 from shared.contracts.inference import (
     HEARTBEATS,
-    SERVICE,
+    REPORT_INFERENCE_FAILED,
+    REPORT_INFERENCE_STARTED,
+    REPORT_INFERENCE_SUCCEEDED,
     InferenceProgress,
-    JobFailed,
-    JobStartDecision,
-    JobStarted,
-    JobSucceeded,
     ModelFile,
+    ReportInferenceFailed,
+    ReportInferenceStarted,
+    ReportInferenceSucceeded,
     RunInference,
-    WorkerHeartbeat,
     queue_of,
 )
-from shared.jobs import JobError, go_ahead, run_and_report
+from shared.errors import Invalid
 from shared.logging import configure_logging
-from shared.messaging import EventPublisher, Names, RpcClient, create_broker, declare_work_queue
 from shared.service import run
 from shared.settings import Settings, get_settings
-from shared.storage import ObjectStore
+from shared.worker import WorkerRuntime
 
 log = structlog.get_logger(__name__)
 
@@ -50,152 +44,90 @@ RUNNABLE = ("txt2img", "img2img")
 PROGRESS_EVERY_SECONDS = 0.25
 
 
-class Worker:
+class InferenceWorker:
     def __init__(self, settings: Settings, endpoint: str, worker_id: str) -> None:
-        self.settings = settings
         self.endpoint = endpoint
         self.worker_id = worker_id
-        self.names = Names(settings.broker_prefix)
-        # on SIGTERM the job in hand may finish: allow it as long as a Real-time caller waits
-        self.broker = create_broker(settings, graceful_timeout=settings.realtime_timeout)
-        self.rpc = RpcClient(self.broker, self.names, timeout=30)
-        self.events = EventPublisher(self.broker, self.names)
-        self.cache = settings.var_dir.resolve() / "models"
-        self.state = "starting"
-        self.phases: dict[str, float] = {}  # milliseconds of the current job's steps, for its log line
-        self.engine = None
-        self.storage: ObjectStore | None = None
+        # a job in hand may finish on SIGTERM as long as a Real-time caller may wait for it
+        self.runtime = WorkerRuntime(
+            settings, pool=endpoint, worker_id=worker_id, heartbeats=HEARTBEATS, grace_seconds=settings.realtime_timeout,
+        )
+        self.engine: Any = None
 
     async def run(self) -> None:
-        async with AsyncExitStack() as stack:
-            self.storage = await ObjectStore.open(self.settings, stack)
-            self.engine = await asyncio.to_thread(self._make_engine)
-            self.broker.subscriber(
-                self.names.work_queue(queue_of(self.endpoint)),
-                channel=Channel(prefetch_count=1),
-                ack_policy=AckPolicy.NACK_ON_ERROR,
-            )(self.handle)
-            await self.broker.connect()
-            stack.push_async_callback(self.broker.stop)
-            await declare_work_queue(self.broker, self.names, queue_of(self.endpoint))
-            await self.broker.start()
-            self.state = "ready"
-            beating = asyncio.create_task(self._beat_forever())
-            log.info("worker.ready", endpoint=self.endpoint, worker_id=self.worker_id, device=str(self.engine.device))
-            stopping = asyncio.Event()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
-            await stopping.wait()
-            log.info("worker.stopping", worker_id=self.worker_id)
-            beating.cancel()
-            await self.broker.stop()  # waits for the job in hand, then stops consuming
-            self.state = "stopping"
-            await self._beat()
+        await self.runtime.serve(queue_of(self.endpoint), RunInference, self.handle, warm_up=self._make_engine)
 
-    def _make_engine(self):
+    def _make_engine(self) -> None:
         from services.inference.worker.engine import Engine  # the heavy imports: torch, diffusers
 
-        device = self.settings.worker_device
-        if device == "auto":
-            import torch
+        self.engine = Engine(device=self.runtime.device())
+        log.info("worker.engine_ready", device=str(self.engine.device))
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return Engine(device=device)
+    async def handle(self, job: RunInference) -> None:
+        structlog.contextvars.bind_contextvars(inference_id=job.inference_id)
+        started = time.perf_counter()
+        phases: dict[str, float] = {}  # milliseconds of the job's steps, for its log line
 
-    async def _beat(self) -> None:
-        beat = WorkerHeartbeat(endpoint_name=self.endpoint, worker_id=self.worker_id, state=self.state, at=time.time())
-        await self.broker.publish(
-            beat.model_dump_json(), queue=self.names.work_queue(HEARTBEATS),
-            content_type="application/json", expiration=30,
-        )
-
-    async def _beat_forever(self) -> None:
-        while True:
-            try:
-                await self._beat()
-            except Exception:
-                log.warning("worker.heartbeat_failed", exc_info=True)
-            await asyncio.sleep(self.settings.worker_heartbeat_seconds)
-
-    # --- one job ---
-
-    async def handle(self, run: RunInference) -> None:
-        structlog.contextvars.bind_contextvars(inference_id=run.inference_id)
-        try:
-            decision = await go_ahead(lambda: self.rpc.call(
-                SERVICE, "job_started", JobStarted(inference_id=run.inference_id, worker_id=self.worker_id), JobStartDecision
+        async def succeeded(outcome: tuple[list[str], dict]) -> None:
+            image_names, info = outcome
+            await self.runtime.rpc.call(REPORT_INFERENCE_SUCCEEDED, ReportInferenceSucceeded(
+                inference_id=job.inference_id, worker_id=self.worker_id, image_names=image_names, info=info,
             ))
-            if not decision.run:
-                log.info("worker.job_skipped", reason=decision.reason)
-                return
-            self.state = "busy"
-            await self._beat()
-            started = time.perf_counter()
-            self.phases = {}
+            log.info("worker.job_done", images=len(image_names), seconds=round(time.perf_counter() - started, 3), **phases)
 
-            async def succeeded(outcome: tuple[list[str], dict]) -> None:
-                image_names, info = outcome
-                await self.rpc.call(SERVICE, "job_succeeded", JobSucceeded(
-                    inference_id=run.inference_id, worker_id=self.worker_id, image_names=image_names, info=info,
-                ))
-                log.info("worker.job_done", images=len(image_names), seconds=round(time.perf_counter() - started, 3), **self.phases)
+        async def failed(error: str) -> None:
+            log.warning("worker.job_failed", error=error)
+            await self.runtime.rpc.call(REPORT_INFERENCE_FAILED, ReportInferenceFailed(
+                inference_id=job.inference_id, worker_id=self.worker_id, error=error,
+            ))
 
-            await run_and_report(lambda: self._run(run), succeeded=succeeded, failed=lambda error: self._report_failure(run, error))
+        try:
+            await self.runtime.job(
+                REPORT_INFERENCE_STARTED,
+                ReportInferenceStarted(inference_id=job.inference_id, worker_id=self.worker_id),
+                lambda: self._run(job, phases),
+                succeeded=succeeded,
+                failed=failed,
+            )
         finally:
-            self.state = "ready"
             structlog.contextvars.unbind_contextvars("inference_id")
 
-    async def _report_failure(self, run: RunInference, error: str) -> None:
-        log.warning("worker.job_failed", error=error)
-        await self.rpc.call(SERVICE, "job_failed", JobFailed(inference_id=run.inference_id, worker_id=self.worker_id, error=error))
+    async def _run(self, job: RunInference, phases: dict[str, float]) -> tuple[list[str], dict]:
+        from services.inference.worker.engine import GenerationRequest
 
-    async def _run(self, run: RunInference) -> tuple[list[str], dict]:
-        from services.inference.worker.engine import GenerationRequest, TokenizerUnavailable, UnsupportedCheckpoint
-
-        if run.task_type not in RUNNABLE:
-            raise JobError(f"task type {run.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})")
-        assert self.storage is not None and self.engine is not None
+        if job.task_type not in RUNNABLE:
+            raise Invalid(f"task type {job.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})")
+        storage = self.runtime.storage
+        assert storage is not None and self.engine is not None
         mark = time.perf_counter()
 
         def phase(name: str) -> None:
             nonlocal mark
             now = time.perf_counter()
-            self.phases[f"{name}_ms"] = round((now - mark) * 1000, 1)
+            phases[f"{name}_ms"] = round((now - mark) * 1000, 1)
             mark = now
 
         try:
-            payload = json.loads(await self.storage.get(run.payload_key))
+            payload = json.loads(await storage.get(job.payload_key))
         except ValueError as error:
-            raise JobError(f"api_param.json is not valid JSON: {error}") from None
-        try:
-            request = GenerationRequest.from_payload(run.task_type, payload)
-        except ValueError as error:
-            raise JobError(f"bad payload: {error}") from None
+            raise Invalid(f"api_param.json is not valid JSON: {error}") from None
+        request = GenerationRequest.from_payload(job.task_type, payload)
         phase("payload")
-        files = await self._model_files(run.models)
+        files = await self._model_files(job.models)
         phase("models")
-        loop = asyncio.get_running_loop()
-        last = [0.0]
-
-        def progress(step: int, total: int) -> None:
-            now = time.monotonic()
-            if step == total or now - last[0] >= PROGRESS_EVERY_SECONDS:
-                last[0] = now
-                loop.call_soon_threadsafe(
-                    asyncio.ensure_future,
-                    self.events.publish(InferenceProgress(inference_id=run.inference_id, step=step, total=total)),
-                )
-
-        try:
-            result = await asyncio.to_thread(self.engine.generate, request, files, progress=progress)
-        except (ValueError, UnsupportedCheckpoint, TokenizerUnavailable) as error:
-            raise JobError(str(error)) from None
+        progress = self.runtime.progress(
+            lambda step, total: InferenceProgress(inference_id=job.inference_id, step=step, total=total),
+            every=PROGRESS_EVERY_SECONDS,
+        )
+        result = await asyncio.to_thread(
+            self.engine.generate, request, files, progress=lambda step, total: progress(step, total, final=step == total)
+        )
         phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]
-        for name, image in zip(names, result.images):
-            await self.storage.put(f"{run.output_prefix}/{name}", image, "image/png")
-        record = {"parameters": result.parameters, "info": result.info, "endpoint_name": self.endpoint, "inference_id": run.inference_id}
-        await self.storage.put(f"{run.output_prefix}/{run.inference_id}_param.json", json.dumps(record).encode(), "application/json")
+        for name, image in zip(names, result.images, strict=True):
+            await storage.put(f"{job.output_prefix}/{name}", image, "image/png")
+        record = {"parameters": result.parameters, "info": result.info, "endpoint_name": self.endpoint, "inference_id": job.inference_id}
+        await storage.put(f"{job.output_prefix}/{job.inference_id}_param.json", json.dumps(record).encode(), "application/json")
         phase("store")
         return names, result.info
 
@@ -206,7 +138,7 @@ class Worker:
         loras: dict[str, Path] = {}
         embeddings: dict[str, Path] = {}
         for model in models:
-            path = await self._local(model)
+            path = await self.runtime.model(model.key, f"model {model.name}")
             stem = Path(model.name).stem
             if model.type == "Stable-diffusion" and checkpoint is None:
                 checkpoint = path
@@ -217,21 +149,8 @@ class Worker:
             elif model.type == "embeddings":
                 embeddings[stem] = path
         if checkpoint is None:
-            raise JobError("the job names no Stable-diffusion checkpoint")
+            raise Invalid("the job names no Stable-diffusion checkpoint")
         return ModelFiles(checkpoint=checkpoint, vae=vae, loras=loras, embeddings=embeddings)
-
-    async def _local(self, model: ModelFile) -> Path:
-        """The model file on local disk, downloaded once (by checkpoint id and name)."""
-        assert self.storage is not None
-        path = self.cache / model.checkpoint_id / model.name
-        if path.exists():
-            return path
-        try:
-            await self.storage.download_to(model.key, path)
-        except Exception as error:
-            raise JobError(f"could not fetch model {model.name}: {error}") from None
-        log.info("worker.model_cached", name=model.name, bytes=path.stat().st_size)
-        return path
 
 
 def main() -> None:
@@ -242,7 +161,7 @@ def main() -> None:
     settings = get_settings()
     configure_logging("worker", fmt=settings.log_format, level=settings.log_level)
     structlog.contextvars.bind_contextvars(worker_id=args.worker_id, endpoint=args.endpoint)
-    run(Worker(settings, args.endpoint, args.worker_id).run())
+    run(InferenceWorker(settings, args.endpoint, args.worker_id).run())
 
 
 if __name__ == "__main__":

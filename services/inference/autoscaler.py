@@ -1,0 +1,81 @@
+"""The autoscaler: once a second it sizes every pool by its backlog (the rule is
+`scaling.desired_workers`, pure and unit-tested) and fails endpoints whose first worker never
+came up. Every change it makes is logged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from services.inference.scaling import PoolLimits, PoolState, desired_workers
+from services.inference.store import InferenceStore
+from shared.contracts.inference import EndpointFailed, EndpointStatus, queue_of
+from shared.contracts.workers import WorkerState
+from shared.messaging import EventPublisher, Names, QueueDepths
+from shared.pools import PoolBackend
+
+log = structlog.get_logger(__name__)
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        store: InferenceStore,
+        pools: PoolBackend,
+        depths: QueueDepths,
+        events: EventPublisher,
+        names: Names,
+        *,
+        live_within: float,
+        start_timeout: float,
+        scale_down_after: float,
+    ) -> None:
+        self.store = store
+        self.pools = pools
+        self.depths = depths
+        self.events = events
+        self.names = names
+        self.live_within = live_within
+        self.start_timeout = start_timeout
+        self.scale_down_after = scale_down_after
+        self.last_busy: dict[str, float] = {}
+
+    async def once(self) -> None:
+        now = time.time()
+        for endpoint in await self.store.all_endpoints():
+            name = endpoint.name
+            if endpoint.status is EndpointStatus.DELETING:
+                continue
+            live = await self.store.live_workers(name, self.live_within)
+            busy = sum(1 for worker in live if worker.state is WorkerState.BUSY)
+            queued = await self.depths.depth(self.names.work_queue(queue_of(name)).name)
+            if queued or busy:
+                self.last_busy[name] = now
+            # idle counts from when the pool went into service: never while it is starting
+            since = max(self.last_busy.get(name, 0.0), endpoint.ready_at or now)
+            state = PoolState(queued=queued, busy=busy, current=self.pools.count(name), idle_seconds=now - since)
+            limits = PoolLimits(
+                minimum=endpoint.min, maximum=endpoint.max, autoscaling=endpoint.autoscaling,
+                scale_down_after=self.scale_down_after,
+            )
+            wanted = desired_workers(state, limits, endpoint.initial)
+            if wanted != state.current:
+                log.info("pool.scaling", endpoint=name, queued=queued, busy=busy, current=state.current, wanted=wanted)
+                await self.pools.scale(name, wanted)
+            if endpoint.status is EndpointStatus.CREATING and not live and now - endpoint.created > self.start_timeout:
+                error = f"no worker reported ready within {self.start_timeout:g} s; see the worker logs"
+                await self.store.update_endpoint(name, status=EndpointStatus.FAILED, error=error)
+                log.warning("endpoint.failed", endpoint=name, error=error)
+                await self.events.publish(
+                    EndpointFailed(endpoint_name=name, endpoint_status=EndpointStatus.FAILED, current_instance_count=0)
+                )
+
+    async def forever(self, interval: float = 1.0) -> None:
+        while True:
+            try:
+                await self.once()
+            except Exception:
+                log.exception("autoscaler.failed")
+            await asyncio.sleep(interval)

@@ -1,0 +1,131 @@
+"""Endpoints: named pools of workers. Creating one declares its queue and starts its workers;
+the workers' heartbeats make it InService; deleting one stops its workers (running jobs finish
+first) and fails the jobs still queued."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+from faststream.rabbit import RabbitBroker
+
+from services.inference import domain
+from services.inference.domain import Endpoint, Worker
+from services.inference.store import InferenceStore
+from shared.contracts.inference import (
+    CreateEndpoint,
+    DeleteEndpoints,
+    EndpointDeleted,
+    EndpointInService,
+    EndpointPage,
+    EndpointStatus,
+    EndpointView,
+    ListEndpoints,
+    RunInference,
+    queue_of,
+)
+from shared.contracts.workers import WorkerHeartbeat, WorkerState
+from shared.messaging import EventPublisher, Names, declare_work_queue
+from shared.permissions import allows
+from shared.pools import PoolBackend
+
+log = structlog.get_logger(__name__)
+
+
+class Endpoints:
+    def __init__(
+        self,
+        store: InferenceStore,
+        pools: PoolBackend,
+        events: EventPublisher,
+        broker: RabbitBroker,
+        names: Names,
+        *,
+        live_within: float,
+        fail_job,
+    ) -> None:
+        self.store = store
+        self.pools = pools
+        self.events = events
+        self.broker = broker
+        self.names = names
+        self.live_within = live_within
+        self.fail_job = fail_job  # (inference_id, reason): how a queued job of a deleted pool ends
+
+    async def create(self, command: CreateEndpoint) -> EndpointView:
+        minimum, maximum = command.limits()
+        endpoint = Endpoint(
+            id=str(uuid.uuid4()),
+            name=domain.endpoint_name(command.endpoint_type, command.endpoint_name),
+            type=command.endpoint_type,
+            status=EndpointStatus.CREATING,
+            instance_type=command.instance_type,
+            autoscaling=command.autoscaling_enabled,
+            initial=command.initial_instance_count,
+            min=minimum,
+            max=maximum,
+            roles=list(dict.fromkeys(command.assign_to_roles)),
+            owner=command.actor.username,
+            created=time.time(),
+        )
+        await self.store.add_endpoint(endpoint)
+        await declare_work_queue(self.broker, self.names, queue_of(endpoint.name))
+        count = domain.initial_workers(endpoint)
+        await self.pools.scale(endpoint.name, count)
+        log.info("endpoint.created", endpoint=endpoint.name, workers=count, actor=command.actor.username)
+        return domain.endpoint_view(endpoint, 0)
+
+    async def list(self, command: ListEndpoints) -> EndpointPage:
+        roles = command.as_roles if command.as_roles is not None else command.actor.roles
+        everything = command.as_roles is None and allows(command.actor.permissions, "sagemaker_endpoint:all")
+        views = []
+        for endpoint in await self.store.all_endpoints():
+            if everything or domain.shares_a_role(endpoint.roles, roles):
+                live = await self.store.live_workers(endpoint.name, self.live_within)
+                views.append(domain.endpoint_view(endpoint, len(live)))
+        return EndpointPage(endpoints=views)
+
+    async def delete(self, command: DeleteEndpoints) -> None:
+        for name in dict.fromkeys(command.endpoint_name_list):
+            if await self.store.endpoint(name) is None:
+                continue
+            await self.store.update_endpoint(name, status=EndpointStatus.DELETING)
+            await self.pools.stop(name)  # running jobs finish first
+            await self._fail_queued(name)
+            await self.store.remove_endpoint(name)
+            log.info("endpoint.deleted", endpoint=name, actor=command.actor.username)
+            await self.events.publish(
+                EndpointDeleted(endpoint_name=name, endpoint_status=EndpointStatus.DELETING, current_instance_count=0)
+            )
+
+    async def _fail_queued(self, name: str) -> None:
+        queue = await self.broker.declare_queue(self.names.work_queue(queue_of(name)))
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            run = RunInference.model_validate_json(message.body)
+            await self.fail_job(run.inference_id, f"endpoint {name} was deleted before the job ran")
+        # The empty queue stays: declarations are cached per process, so a queue deleted here
+        # would not be declared again for a new endpoint of the same name.
+
+    async def heartbeat(self, beat: WorkerHeartbeat) -> None:
+        if beat.state is WorkerState.STOPPING:
+            await self.store.forget_worker(beat.worker_id)
+            return
+        await self.store.heartbeat(
+            Worker(worker_id=beat.worker_id, endpoint_name=beat.pool, state=beat.state, last_seen=beat.at)
+        )
+        endpoint = await self.store.endpoint(beat.pool)
+        if (
+            endpoint is not None
+            and endpoint.status in (EndpointStatus.CREATING, EndpointStatus.FAILED)
+            and beat.state in (WorkerState.READY, WorkerState.BUSY)
+        ):
+            await self.store.update_endpoint(
+                endpoint.name, status=EndpointStatus.IN_SERVICE, ready_at=time.time(), error=None
+            )
+            log.info("endpoint.in_service", endpoint=endpoint.name, worker_id=beat.worker_id)
+            await self.events.publish(
+                EndpointInService(
+                    endpoint_name=endpoint.name, endpoint_status=EndpointStatus.IN_SERVICE, current_instance_count=1
+                )
+            )

@@ -1,0 +1,296 @@
+"""Inference jobs: created against an endpoint and the catalog's checkpoints, started by
+sending them to the endpoint's queue, and carried to `succeed` or `failed` by what the workers
+report (a report is stored before the worker acks its message, so nothing is lost when a
+process dies). A worker asks for the go-ahead first: a redelivered job that already finished
+is not run twice, and one that keeps killing its workers is given up."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import structlog
+from faststream.rabbit import RabbitBroker
+
+from services.inference import domain
+from services.inference.domain import InferenceJob
+from services.inference.store import InferenceStore
+from shared.contracts.inference import (
+    CreatedInference,
+    CreateInference,
+    DeleteInferences,
+    GetInference,
+    InferenceFailed,
+    InferencePage,
+    InferenceParams,
+    InferenceProgress,
+    InferenceStart,
+    InferenceStarted,
+    InferenceSucceeded,
+    InferenceView,
+    JobProgress,
+    JobStatus,
+    ListInferences,
+    ModelFile,
+    ModelRef,
+    ReportInferenceFailed,
+    ReportInferenceStarted,
+    ReportInferenceSucceeded,
+    RunInference,
+    StartedInference,
+    StartInference,
+    UsedModel,
+    queue_of,
+)
+from shared.contracts.workers import GoAhead
+from shared.errors import Invalid, NotFound
+from shared.esd import decode_position, encode_position, esd_time
+from shared.messaging import EventPublisher, Names, send_work
+from shared.permissions import allows
+from shared.storage import ObjectStore
+
+log = structlog.get_logger(__name__)
+
+MAX_JOB_ATTEMPTS = 3
+_UNFINISHED = [JobStatus.IN_PROGRESS.value, JobStatus.CREATED.value]
+
+
+class Jobs:
+    def __init__(
+        self,
+        store: InferenceStore,
+        storage: ObjectStore,
+        events: EventPublisher,
+        broker: RabbitBroker,
+        names: Names,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.events = events
+        self.broker = broker
+        self.names = names
+
+    async def create(self, command: CreateInference) -> CreatedInference:
+        domain.check_task_type(command.task_type)
+        endpoint = domain.choose_endpoint(
+            await self.store.all_endpoints(),
+            inference_type=command.inference_type,
+            named=command.sagemaker_endpoint_name,
+            username=command.actor.username,
+            roles=command.actor.roles,
+        )
+        domain.check_runnable(command.task_type, command.models)
+        files, refs = await self._models(command.models)
+        payload = None
+        if command.payload_string is not None:
+            try:
+                payload = json.loads(command.payload_string)
+            except ValueError:
+                raise Invalid("payload_string must be valid json string") from None
+        inference_id = str(uuid.uuid4())
+        job = InferenceJob(
+            id=inference_id,
+            task_type=command.task_type,
+            inference_type=command.inference_type,
+            status=JobStatus.CREATED,
+            owner=command.actor.username,
+            roles=command.actor.roles,
+            endpoint_name=endpoint.name,
+            endpoint_id=endpoint.id,
+            instance_type=endpoint.instance_type,
+            models=refs,
+            files=files,
+            payload_key=domain.payload_key(command.task_type, inference_id),
+            created=time.time(),
+        )
+        if payload is not None:
+            await self.storage.put(job.payload_key, command.payload_string.encode(), "application/json")
+        await self.store.add_job(job)
+        log.info("inference.created", inference_id=inference_id, endpoint=endpoint.name, actor=command.actor.username)
+        return CreatedInference(
+            id=inference_id,
+            type=command.task_type,
+            api_params_s3_location=self.storage.uri(job.payload_key),
+            api_params_s3_upload_url=await self.storage.presign_put(job.payload_key),
+            models=job.models,
+        )
+
+    async def _models(self, models: dict[str, list[str]]) -> tuple[list[ModelFile], list[ModelRef]]:
+        """The files a worker fetches, and ESD's list of the models by type; every named
+        checkpoint must be in the catalog."""
+        files: list[ModelFile] = []
+        refs: dict[str, ModelRef] = {}
+        missing: list[str] = []
+        for checkpoint_type, name in domain.requested_models(models):
+            entry = await self.store.find_model(checkpoint_type, name)
+            if entry is None:
+                missing.append(f"checkpoint with name {name}, type {checkpoint_type} is not found")
+                continue
+            files.append(ModelFile(type=checkpoint_type, checkpoint_id=entry.checkpoint_id, name=name, key=f"{entry.prefix}/{name}"))
+            refs.setdefault(checkpoint_type, ModelRef(id=entry.checkpoint_id, name=[], type=checkpoint_type)).name.append(name)
+        if missing:
+            raise Invalid(" ".join(missing))
+        for vae in models.get("VAE", []):
+            if vae in domain.PASS_THROUGH_VAES:
+                refs.setdefault("VAE", ModelRef(id="VAE", name=[], type="VAE")).name.append(vae)
+        return files, list(refs.values())
+
+    async def start(self, command: StartInference) -> StartedInference:
+        job = await self.store.job(command.inference_id)
+        if job is None:
+            raise Invalid(f"InferenceJobId {command.inference_id} not found")
+        domain.check_owner(command.actor, job)
+        if job.status is JobStatus.CREATED:
+            if await self.storage.size(job.payload_key) is None:
+                raise Invalid("api_param.json has not been uploaded yet: PUT it to api_params_s3_upload_url first")
+            if await self.store.endpoint(job.endpoint_name) is None:
+                raise Invalid(f"endpoint {job.endpoint_name} no longer exists")
+            if await self.store.transition_job(
+                job.id, [JobStatus.CREATED.value], status=JobStatus.IN_PROGRESS, start_time=time.time()
+            ):
+                run = RunInference(
+                    inference_id=job.id,
+                    task_type=job.task_type,
+                    payload_key=job.payload_key,
+                    output_prefix=domain.output_prefix(job.id),
+                    models=job.files,
+                )
+                await send_work(self.broker, self.names, queue_of(job.endpoint_name), run)
+                log.info("inference.dispatched", inference_id=job.id, endpoint=job.endpoint_name)
+            job = await self.store.job(command.inference_id) or job
+        return StartedInference(
+            inference=InferenceStart(
+                inference_id=job.id,
+                status=job.status,
+                endpoint_name=job.endpoint_name,
+                output_path=self.storage.uri(domain.output_prefix(job.id)),
+            ),
+            inference_type=job.inference_type,
+        )
+
+    async def get(self, command: GetInference) -> InferenceView:
+        job = await self.store.job(command.inference_id)
+        if job is None:
+            raise NotFound(f"inference with id {command.inference_id} not found")
+        domain.check_owner(command.actor, job)
+        return await self._view(job)
+
+    async def _view(self, job: InferenceJob) -> InferenceView:
+        prefix = domain.output_prefix(job.id)
+        succeeded = job.status is JobStatus.SUCCEEDED
+        images = [await self.storage.presign_get(f"{prefix}/{name}") for name in job.image_names] if succeeded else []
+        outputs = [await self.storage.presign_get(f"{prefix}/{job.id}_param.json")] if succeeded else []
+        used: dict[str, list[UsedModel]] = {}
+        for file in job.files:
+            used.setdefault(file.type.value, []).append(UsedModel(
+                s3=self.storage.uri(file.key.rsplit("/", 1)[0]), id=file.checkpoint_id, model_name=file.name, type=file.type.value,
+            ))
+        for ref in job.models:
+            if ref.id == "VAE":
+                used.setdefault("VAE", []).extend(UsedModel(s3="None", id="VAE", model_name=name, type="VAE") for name in ref.name)
+        return InferenceView(
+            img_presigned_urls=images,
+            output_presigned_urls=outputs,
+            inference_info_name=f"{job.id}_param.json",
+            InferenceJobId=job.id,
+            status=job.status,
+            taskType=job.task_type,
+            inference_type=job.inference_type,
+            createTime=esd_time(job.created),
+            startTime=esd_time(job.start_time),
+            completeTime=esd_time(job.complete_time),
+            image_names=job.image_names,
+            owner_group_or_role=[job.owner],
+            params=InferenceParams(
+                input_body_presign_url=await self.storage.presign_get(job.payload_key),
+                input_body_s3=self.storage.uri(job.payload_key),
+                used_models=used,
+                sagemaker_inference_endpoint_id=job.endpoint_id,
+                sagemaker_inference_endpoint_name=job.endpoint_name,
+                sagemaker_inference_instance_type=job.instance_type,
+            ),
+            error=job.error or None,
+            progress=job.progress if job.status is JobStatus.IN_PROGRESS else None,
+            info=job.info or None,
+        )
+
+    async def list(self, command: ListInferences) -> InferencePage:
+        owner = command.username
+        if owner is None and not allows(command.actor.permissions, "inference:all"):
+            owner = command.actor.username
+        limit = max(1, min(command.limit, 100))
+        jobs = await self.store.page_jobs(
+            task_type=command.task_type, owner=owner, before=decode_position(command.exclusive_start_key), limit=limit
+        )
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return InferencePage(
+            inferences=[await self._view(job) for job in jobs],
+            last_evaluated_key=encode_position(jobs[-1].created) if more else None,
+        )
+
+    async def delete(self, command: DeleteInferences) -> None:
+        for inference_id in dict.fromkeys(command.inference_id_list):
+            job = await self.store.job(inference_id)
+            if job is None:
+                continue
+            domain.check_owner(command.actor, job)
+            await self.storage.delete_prefix(job.payload_key.rsplit("/", 1)[0] + "/")
+            await self.storage.delete_prefix(f"out/{inference_id}/")
+            await self.store.remove_job(inference_id)
+            log.info("inference.deleted", inference_id=inference_id, actor=command.actor.username)
+
+    # --- what workers report ---
+
+    async def started(self, report: ReportInferenceStarted) -> GoAhead:
+        job = await self.store.job(report.inference_id)
+        if job is None:
+            return GoAhead(run=False, reason="the job was deleted")
+        if job.finished:
+            return GoAhead(run=False, reason=f"the job already {job.status.value}")
+        if await self.store.count_attempt(report.inference_id) > MAX_JOB_ATTEMPTS:
+            await self.fail(report.inference_id, f"gave up after {MAX_JOB_ATTEMPTS} attempts: workers stopped while running it")
+            return GoAhead(run=False, reason="too many attempts")
+        await self.store.update_job(
+            report.inference_id, status=JobStatus.IN_PROGRESS, worker_id=report.worker_id, run_started=time.time()
+        )
+        await self.events.publish(
+            InferenceStarted(inference_id=report.inference_id, endpoint_name=job.endpoint_name, worker_id=report.worker_id)
+        )
+        return GoAhead(run=True)
+
+    async def succeeded(self, report: ReportInferenceSucceeded) -> None:
+        job = await self.store.job(report.inference_id)
+        if job is None:
+            return
+        if await self.store.transition_job(
+            report.inference_id, _UNFINISHED,
+            status=JobStatus.SUCCEEDED, complete_time=time.time(), image_names=report.image_names, info=report.info,
+        ):
+            prefix = domain.output_prefix(report.inference_id)
+            log.info("inference.succeeded", inference_id=report.inference_id, images=len(report.image_names))
+            await self.events.publish(InferenceSucceeded(
+                inference_id=report.inference_id, endpoint_name=job.endpoint_name,
+                image_keys=[f"{prefix}/{name}" for name in report.image_names], owner=job.owner,
+            ))
+
+    async def failed(self, report: ReportInferenceFailed) -> None:
+        await self.fail(report.inference_id, report.error)
+
+    async def fail(self, inference_id: str, error: str) -> None:
+        job = await self.store.job(inference_id)
+        if job is None:
+            return
+        if await self.store.transition_job(
+            inference_id, _UNFINISHED, status=JobStatus.FAILED, complete_time=time.time(), error=error
+        ):
+            log.warning("inference.failed", inference_id=inference_id, error=error)
+            await self.events.publish(
+                InferenceFailed(inference_id=inference_id, endpoint_name=job.endpoint_name, error=error, owner=job.owner)
+            )
+
+    async def progressed(self, event: InferenceProgress) -> None:
+        progress = JobProgress(step=event.step, total=event.total)
+        await self.store.update_job(event.inference_id, progress=progress.model_dump())
+

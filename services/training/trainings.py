@@ -1,0 +1,229 @@
+"""Trainings: LoRA training jobs on a base checkpoint and a dataset, sent to the durable
+`training.jobs` queue and carried to Completed or Failed by what the training workers report.
+A finished LoRA is registered with the checkpoint service, so it can be used at once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+from faststream.rabbit import RabbitBroker
+
+from services.training import domain
+from services.training.domain import TrainingJob
+from services.training.store import TrainingStore
+from shared.contracts import checkpoint as checkpoints
+from shared.contracts.identity import Principal
+from shared.contracts.training import (
+    JOBS,
+    CreatedTraining,
+    CreateTraining,
+    DatasetStatus,
+    DeleteTrainings,
+    GetTraining,
+    ListTrainings,
+    ReportTrainingFailed,
+    ReportTrainingStarted,
+    ReportTrainingSucceeded,
+    RunTraining,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingPage,
+    TrainingProgress,
+    TrainingProgressView,
+    TrainingStatus,
+    TrainingView,
+)
+from shared.contracts.workers import GoAhead
+from shared.errors import Invalid, NotFound
+from shared.esd import decode_position, encode_position, esd_time
+from shared.messaging import EventPublisher, Names, send_work
+from shared.rpc import RpcClient
+from shared.storage import ObjectStore
+
+log = structlog.get_logger(__name__)
+
+MAX_ATTEMPTS = 3
+_UNFINISHED = [status.value for status in domain.UNFINISHED]
+
+
+class Trainings:
+    def __init__(
+        self,
+        store: TrainingStore,
+        storage: ObjectStore,
+        events: EventPublisher,
+        broker: RabbitBroker,
+        names: Names,
+        rpc: RpcClient,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.events = events
+        self.broker = broker
+        self.names = names
+        self.rpc = rpc
+
+    async def create(self, command: CreateTraining) -> CreatedTraining:
+        params = command.params.training_params
+        model_key, model_name = await self._base_model(command.actor, params.model, params.s3_model_path)
+        data_prefix = await self._data(params.dataset, params.s3_data_path)
+        training_id = str(uuid.uuid4())
+        training = TrainingJob(
+            id=training_id,
+            status=TrainingStatus.INITIAL,
+            owner=command.actor.username,
+            roles=command.actor.roles,
+            params=command.params.model_dump(mode="json"),
+            model_key=model_key,
+            model_name=model_name,
+            data_prefix=data_prefix,
+            output_prefix=domain.output_prefix(training_id),
+            fm_type=params.fm_type,
+            created=time.time(),
+        )
+        await self.store.add_training(training)
+        await send_work(self.broker, self.names, JOBS, RunTraining(
+            training_id=training_id, model_key=model_key, model_name=model_name, data_prefix=data_prefix,
+            output_prefix=training.output_prefix, config_params=command.params.config_params, fm_type=params.fm_type,
+        ))
+        log.info("training.queued", training_id=training_id, actor=command.actor.username)
+        return CreatedTraining(
+            id=training_id,
+            status=training.status,
+            params=training.params,
+            input_location=self.storage.uri(data_prefix),
+            output_location=self.storage.uri(training.output_prefix),
+        )
+
+    async def _base_model(self, actor: Principal, name: str | None, s3_path: str | None) -> tuple[str, str]:
+        if name:
+            try:
+                item = await self.rpc.call(
+                    checkpoints.FIND_CHECKPOINT,
+                    checkpoints.FindCheckpoint(actor=actor, checkpoint_type=checkpoints.CheckpointType.STABLE_DIFFUSION, name=name),
+                )
+            except NotFound as missing:  # for this request, a bad base model is a bad input
+                raise Invalid(missing.message) from None
+            return f"{self.storage.key_of(item.s3Location)}/{name}", name
+        key = self.storage.key_of(s3_path or "")
+        if await self.storage.size(key) is None:
+            raise Invalid(f"s3_model_path {s3_path} does not exist")
+        return key, key.rsplit("/", 1)[-1]
+
+    async def _data(self, dataset: str | None, s3_path: str | None) -> str:
+        if dataset:
+            found = await self.store.dataset(dataset)
+            if found is None:
+                raise Invalid(f"dataset {dataset} is not found")
+            if found.status is not DatasetStatus.ENABLED:
+                raise Invalid(f"dataset {dataset} is not Enabled yet: upload its files, then PUT status Enabled")
+            return domain.dataset_prefix(dataset)
+        prefix = self.storage.key_of(s3_path or "").rstrip("/") + "/"
+        if not await self.storage.keys(prefix):
+            raise Invalid(f"s3_data_path {s3_path} holds no files")
+        return prefix
+
+    def _view(self, training: TrainingJob) -> TrainingView:
+        return TrainingView(
+            id=training.id,
+            job_status=training.status,
+            status=training.status,
+            model_id=training.model_name,
+            params=training.params,
+            input_location=self.storage.uri(training.data_prefix),
+            output_location=self.storage.uri(training.output_prefix),
+            checkpoint_id=training.checkpoint_id,
+            timestamp=training.created,
+            created=esd_time(training.created),
+            completed=esd_time(training.completed),
+            owner=training.owner,
+            error=training.error,
+            progress=training.progress,
+            lora_name=training.lora_name,
+            info=training.info or None,
+        )
+
+    async def get(self, command: GetTraining) -> TrainingView:
+        training = domain.check_visible(command.actor, await self.store.training(command.training_id), command.training_id)
+        return self._view(training)
+
+    async def list(self, command: ListTrainings) -> TrainingPage:
+        limit = max(1, min(command.limit, 100))
+        rows = await self.store.page(owner=None, before=decode_position(command.exclusive_start_key), limit=limit)
+        more, rows = len(rows) > limit, rows[:limit]
+        return TrainingPage(
+            trainings=[self._view(row) for row in rows],
+            last_evaluated_key=encode_position(rows[-1].created) if more else None,
+        )
+
+    async def delete(self, command: DeleteTrainings) -> None:
+        for training_id in dict.fromkeys(command.training_id_list):
+            training = await self.store.training(training_id)
+            if training is None:
+                continue
+            await self.storage.delete_prefix(training.output_prefix + "/")
+            await self.store.remove_training(training_id)
+            log.info("training.deleted", training_id=training_id, actor=command.actor.username)
+
+    # --- what workers report ---
+
+    async def started(self, report: ReportTrainingStarted) -> GoAhead:
+        training = await self.store.training(report.training_id)
+        if training is None:
+            return GoAhead(run=False, reason="the training was deleted")
+        if training.status in domain.FINISHED:
+            return GoAhead(run=False, reason=f"the training is {training.status.value}")
+        if await self.store.count_attempt(report.training_id) > MAX_ATTEMPTS:
+            await self._fail(training, f"gave up after {MAX_ATTEMPTS} attempts: workers stopped while training")
+            return GoAhead(run=False, reason="too many attempts")
+        await self.store.update_training(
+            report.training_id, status=TrainingStatus.TRAINING, worker_id=report.worker_id, started=time.time()
+        )
+        return GoAhead(run=True)
+
+    async def succeeded(self, report: ReportTrainingSucceeded) -> None:
+        training = await self.store.training(report.training_id)
+        if training is None or training.status is TrainingStatus.COMPLETED:
+            return
+        owner = Principal(username=training.owner, roles=training.roles, permissions=[])
+        item = await self.rpc.call(
+            checkpoints.REGISTER_CHECKPOINT,
+            checkpoints.RegisterCheckpoint(
+                actor=owner,
+                checkpoint_id=domain.lora_checkpoint_id(training.id),
+                checkpoint_type=checkpoints.CheckpointType.LORA,
+                name=report.final_key.rsplit("/", 1)[-1],
+                source_key=report.final_key,
+                params={"message": f"trained by training {training.id}", "training_id": training.id},
+            ),
+            timeout=120,
+        )
+        if await self.store.transition(
+            training.id, _UNFINISHED,
+            status=TrainingStatus.COMPLETED, completed=time.time(), checkpoint_id=item.id,
+            lora_name=item.name[0], output_keys=report.output_keys, info=report.info,
+        ):
+            log.info("training.completed", training_id=training.id, checkpoint_id=item.id, lora=item.name[0])
+            await self.events.publish(
+                TrainingCompleted(training_id=training.id, checkpoint_id=item.id, lora_name=item.name[0], owner=training.owner)
+            )
+
+    async def failed(self, report: ReportTrainingFailed) -> None:
+        training = await self.store.training(report.training_id)
+        if training is not None:
+            await self._fail(training, report.error)
+
+    async def _fail(self, training: TrainingJob, error: str) -> None:
+        if await self.store.transition(
+            training.id, _UNFINISHED, status=TrainingStatus.FAILED, completed=time.time(), error=error
+        ):
+            log.warning("training.failed", training_id=training.id, error=error)
+            await self.events.publish(TrainingFailed(training_id=training.id, error=error, owner=training.owner))
+
+    async def progressed(self, event: TrainingProgress) -> None:
+        progress = TrainingProgressView(
+            epoch=event.epoch, epochs=event.epochs, step=event.step, steps=event.steps, loss=event.loss
+        )
+        await self.store.update_training(event.training_id, progress=progress.model_dump())
