@@ -1,19 +1,28 @@
-"""What the broker hop costs a routed call.
+"""What the broker hop costs a routed call, under load from `wrk`.
 
-Measures `GET /users` as a valid user (HTTP -> gateway -> RPC -> identity -> MongoDB -> reply)
-beside `GET /ping`, which the same gateway process answers from memory, at concurrency 1 and
-64: median and p99 latency and throughput, and their ratio. The difference of the medians is
-what the platform adds per routed call (budget: < 5 ms on loopback).
+Starts a private stack (every service, on free ports, under a temporary folder) and its own
+gateway process, in which this bench mounts one extra route, `/bench/users`: it runs the same
+MongoDB queries as identity's `list_users` (users, then roles) directly from the gateway
+process. Then `wrk` drives, at 1 and 64 connections:
 
-    .venv/bin/python bench/gateway.py                 # starts a private stack on free ports
-    .venv/bin/python bench/gateway.py --url http://127.0.0.1:8080 --key KEY   # a running one
+- `GET /ping`: answered from memory (the HTTP floor);
+- `GET /users`: HTTP -> gateway -> RPC -> identity -> MongoDB -> reply (the routed call);
+- `GET /bench/users`: the same queries in-process (the baseline without the broker hop).
+
+It prints req/s, p50 and p99 of each, and the ratios routed / baseline. `wrk` is installed
+(Debian's package) when missing.
+
+    .venv/bin/python bench/gateway.py [--seconds 8] [--users 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
+import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -22,91 +31,142 @@ from pathlib import Path
 
 import httpx
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
 
 @dataclass
 class Figures:
-    median_ms: float
-    p99_ms: float
     per_second: float
+    p50_ms: float
+    p99_ms: float
 
 
-async def measure(client: httpx.AsyncClient, path: str, headers: dict, *, concurrency: int, total: int) -> Figures:
-    latencies: list[float] = []
-    remaining = total
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            response = await client.get(path, headers=headers)
-            latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                raise SystemExit(f"{path} answered {response.status_code}: {response.text}")
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    latencies.sort()
-    return Figures(
-        median_ms=statistics.median(latencies) * 1000,
-        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-        per_second=total / wall,
-    )
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("installing wrk (Debian's package)...", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                   stdout=subprocess.DEVNULL)
+    return shutil.which("wrk") or "wrk"
 
 
-async def run(url: str, key: str, user: str, total: int) -> None:
-    headers = {"x-api-key": key, "username": user}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        for path in ("/ping", "/users"):  # warm up connections and the principal cache
-            await measure(client, path, headers, concurrency=8, total=200)
-        print(f"{'route':<28}{'conc':>5}{'median ms':>11}{'p99 ms':>9}{'req/s':>9}")
-        for concurrency in (1, 64):
-            n = total if concurrency > 1 else total // 2
-            baseline = await measure(client, "/ping", headers, concurrency=concurrency, total=n)
-            routed = await measure(client, "/users", headers, concurrency=concurrency, total=n)
-            for name, figures in (("GET /ping (from memory)", baseline), ("GET /users (RPC+MongoDB)", routed)):
-                print(
-                    f"{name:<28}{concurrency:>5}{figures.median_ms:>11.2f}"
-                    f"{figures.p99_ms:>9.2f}{figures.per_second:>9.0f}"
-                )
-            print(
-                f"{'  routed / baseline':<28}{concurrency:>5}"
-                f"{routed.median_ms / baseline.median_ms:>10.2f}x"
-                f"{routed.p99_ms / baseline.p99_ms:>8.2f}x"
-                f"{routed.per_second / baseline.per_second:>8.2f}x"
-                f"   added at the median: {routed.median_ms - baseline.median_ms:.2f} ms"
-            )
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def drive(wrk: str, url: str, headers: dict[str, str], *, connections: int, seconds: int) -> Figures:
+    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    if "Non-2xx" in output:
+        raise SystemExit(f"{url} answered errors under load:\n{output}")
+    latency = {
+        percent: _ms(value, unit)
+        for percent, value, unit in re.findall(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+    }
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    return Figures(per_second=rate, p50_ms=latency["50"], p99_ms=latency["99"])
+
+
+def serve_gateway() -> None:
+    """The gateway as `services.gateway` runs it, plus the in-process baseline route."""
+    import uvicorn
+    from fastapi import Depends
+
+    from services.gateway.app import create_app
+    from services.gateway.envelope import respond
+    from services.gateway.security import current_principal
+    from services.identity import domain
+    from services.identity.store import IdentityStore
+    from shared.contracts.identity import SERVICE, Principal, UserList
+    from shared.db import mongo_client
+    from shared.logging import configure_logging
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    configure_logging("gateway", fmt=settings.log_format, level=settings.log_level)
+    app = create_app(settings)
+    store = IdentityStore(mongo_client(settings)[settings.database_name(SERVICE)])
+
+    @app.get("/bench/users", include_in_schema=False)
+    async def users_in_process(principal: Principal = Depends(current_principal)):
+        users = domain.visible_users(principal, await store.find_users(None))
+        roles = await store.find_roles()
+        return respond(200, UserList(users=[domain.user_view(user, roles) for user in users]))
+
+    uvicorn.run(app, host="127.0.0.1", port=settings.gateway_port, loop="uvloop", http="httptools",
+                access_log=False, log_level="warning")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running gateway; default: start a private stack")
-    parser.add_argument("--key", help="its API key")
-    parser.add_argument("--user", default="admin")
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--seconds", type=int, default=8, help="how long wrk drives each case")
+    parser.add_argument("--users", type=int, default=5, help="users in identity besides the admin")
+    parser.add_argument("--serve-gateway", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.url:
-        asyncio.run(run(args.url, args.key, args.user, args.requests))
+    if args.serve_gateway:
+        serve_gateway()
         return
 
     from deploy.local.stack import LocalStack, free_port
 
+    wrk = ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="esd-bench-") as var:
         stack = LocalStack(
-            Path(var),
-            gateway_port=free_port(),
-            mongo_port=free_port(),
-            s3_port=free_port(),
+            Path(var), gateway_port=free_port(), mongo_port=free_port(), s3_port=free_port(),
             env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"},
-            quiet=True,
+            include_gateway=False, quiet=True,
         )
         stack.up()
+        with open(Path(var) / "bench-gateway.log", "wb") as gateway_log:
+            gateway = subprocess.Popen(
+                [sys.executable, __file__, "--serve-gateway"], cwd=REPO, env=stack.env,
+                stdout=subprocess.DEVNULL, stderr=gateway_log,
+            )
+            try:
+                run(wrk, stack, args.seconds, args.users)
+            finally:
+                gateway.terminate()
+                gateway.wait(10)
+                stack.down()
+
+
+def run(wrk: str, stack, seconds: int, users: int) -> None:
+    url = stack.gateway_url
+    headers = {"x-api-key": stack.api_key, "username": stack.admin_username}
+    deadline = time.monotonic() + 60
+    while True:
         try:
-            asyncio.run(run(stack.gateway_url, stack.api_key, stack.admin_username, args.requests))
-        finally:
-            stack.down()
+            if httpx.get(f"{url}/ping", headers=headers, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("the bench's gateway did not come up")
+        time.sleep(0.2)
+    for n in range(users):
+        httpx.post(f"{url}/users", headers=headers, json={"username": f"bench{n}", "password": "x", "roles": ["byoc"]},
+                   timeout=10).raise_for_status()
+    cases = (("GET /ping", "/ping"), ("GET /users (routed)", "/users"), ("GET /bench/users (in-process)", "/bench/users"))
+    for _, path in cases:  # warm up: connections, the principal cache, the services' pools
+        drive(wrk, url + path, headers, connections=8, seconds=1)
+    print(f"whole stack local, {users + 1} users, wrk {seconds} s per case, {os.cpu_count()} cores\n")
+    print(f"{'route':<32}{'conn':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+    for connections in (1, 64):
+        figures = {}
+        for name, path in cases:
+            figures[name] = drive(wrk, url + path, headers, connections=connections, seconds=seconds)
+            f = figures[name]
+            print(f"{name:<32}{connections:>5}{f.per_second:>9.0f}{f.p50_ms:>9.2f}{f.p99_ms:>9.2f}")
+        ping, routed, baseline = (figures[name] for name, _ in cases)
+        print(
+            f"  routed / in-process: {routed.per_second / baseline.per_second:.2f}x req/s; "
+            f"routed p50 - /ping p50: {routed.p50_ms - ping.p50_ms:.2f} ms; "
+            f"in-process p50 - /ping p50: {baseline.p50_ms - ping.p50_ms:.2f} ms\n"
+        )
 
 
 if __name__ == "__main__":

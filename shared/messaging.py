@@ -9,19 +9,14 @@ broker, and carries events and work.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import inspect
-import json
 import logging
-from collections.abc import Awaitable, Callable
+import uuid
 from typing import Any, ClassVar, TypeVar
 
 import structlog
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitMessage, RabbitQueue
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from pydantic import BaseModel
 
-from shared.errors import ErrorInfo, EsdError, Internal, Invalid, Unavailable
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -73,6 +68,16 @@ class Names:
         """Where a pool's workers beat: a beat older than 30 s says nothing any more, so the
         queue drops it (no dead letters)."""
         return RabbitQueue(f"{self.prefix}{name}", durable=True, arguments={"x-message-ttl": 30_000})
+
+    def replica_queue(self, owner: str, routing_key: str) -> RabbitQueue:
+        """A queue of one process alone, gone with it, bound to the events exchange: for what
+        every replica must hear (not one of them), such as a change that empties a cache."""
+        return RabbitQueue(
+            f"{self.prefix}{owner}.{uuid.uuid4().hex[:12]}.{routing_key.replace('*', 'any')}",
+            exclusive=True,
+            auto_delete=True,
+            routing_key=routing_key,
+        )
 
     def dead_letter_queue(self, name: str) -> RabbitQueue:
         return RabbitQueue(

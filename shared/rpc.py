@@ -13,13 +13,16 @@
   reply is published. Replies are `{"result": ...}` or `{"error": ErrorInfo}`: a domain error
   travels as itself, anything else as an internal error whose stack stays in the service's log.
 
-Both talk to RabbitMQ through aio-pika directly: a routed call is on the hot path of every HTTP
-request, and the framework's per-message machinery costs more than the work of a fast handler.
+Both talk to RabbitMQ below the framework: aio-pika's robust connection (re-opened after a
+broker restart) with publishing and consuming on the aiormq channel underneath. A routed call is
+on the hot path of every HTTP request, and each layer's per-message machinery costs more than
+the work of a fast handler (measured: 1.6x the round trips per second of aio-pika's own API).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,13 +31,17 @@ from functools import cache
 from typing import Any, Generic, TypeVar
 
 import aio_pika
+import aiormq
 import orjson
 import structlog
+from pamqp.commands import Basic
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import ErrorInfo, EsdError, Internal, Invalid, Unavailable
 
 log = structlog.get_logger(__name__)
+
+Properties = Basic.Properties
 
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep")
@@ -130,7 +137,8 @@ class RpcServer:
         self.concurrency = concurrency
         self.handlers: dict[Command, Callable[[Any], Awaitable[Any]]] = {}
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self.consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self.channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self.consumers: list[tuple[aiormq.abc.AbstractChannel, str]] = []
         self.running: set[asyncio.Task] = set()
 
     def register(self, command: Command[Req, Any], handler: Callable[[Req], Awaitable[Any]]) -> None:
@@ -143,44 +151,63 @@ class RpcServer:
             self.register(declared, handler)
 
     async def start(self) -> None:
+        # The robust connection and channel re-open after a broker restart and re-declare the
+        # queues; consuming is done on the channel underneath, and redone after a reconnect.
         self.connection = await aio_pika.connect_robust(self.amqp_url)
-        channel = await self.connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=self.concurrency)
+        self.channel = await self.connection.channel(publisher_confirms=False)
+        await self.channel.set_qos(prefetch_count=self.concurrency)
+        for declared in self.handlers:
+            await self.channel.declare_queue(declared.queue(self.prefix), durable=True)
+        await self._consume()
+        self.connection.reconnect_callbacks.add(self._consume_again)
+
+    async def _consume_again(self, *_: Any) -> None:
+        self.consumers.clear()
+        await self._consume()
+
+    async def _consume(self) -> None:
+        assert self.channel is not None
+        underlay = await self.channel.get_underlay_channel()
         for declared, handler in self.handlers.items():
-            queue = await channel.declare_queue(declared.queue(self.prefix), durable=True)
-            tag = await queue.consume(self._consumer(channel, declared, handler))
-            self.consumers.append((queue, tag))
+            consuming = await underlay.basic_consume(
+                declared.queue(self.prefix), functools.partial(self._on_request, underlay, declared, handler)
+            )
+            self.consumers.append((underlay, consuming.consumer_tag))
 
-    def _consumer(self, channel, declared: Command, handler) -> Callable[[Any], Awaitable[None]]:
-        exchange = channel.default_exchange
-
-        async def on_request(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
+    async def _on_request(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        declared: Command,
+        handler: Callable[[Any], Awaitable[Any]],
+        message: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        # aiormq runs each delivery in its own task; the channel's prefetch bounds how many
+        task = asyncio.current_task()
+        if task is not None:
+            self.running.add(task)
+        try:
+            properties = message.header.properties
+            if properties.reply_to:  # nobody waits otherwise
+                reply = await answer(declared, handler, message.body)
+                await channel.basic_publish(
+                    reply,
+                    routing_key=properties.reply_to,
+                    properties=Properties(correlation_id=properties.correlation_id, content_type="application/json"),
+                )
+            await channel.basic_ack(message.delivery.delivery_tag)
+        except Exception:  # the connection went: the request is redelivered if unexpired
+            log.warning("rpc.reply_failed", command=declared.name, exc_info=True)
+        finally:
             if task is not None:
-                self.running.add(task)
-            try:
-                if message.reply_to:  # nobody waits otherwise
-                    reply = await answer(declared, handler, message.body)
-                    await exchange.publish(
-                        aio_pika.Message(reply, correlation_id=message.correlation_id, content_type="application/json"),
-                        routing_key=message.reply_to,
-                    )
-                await message.ack()
-            except Exception:  # the connection went: the request is redelivered if unexpired
-                log.warning("rpc.reply_failed", command=declared.name, exc_info=True)
-            finally:
-                if task is not None:
-                    self.running.discard(task)
-
-        return on_request
+                self.running.discard(task)
 
     async def stop(self, grace: float = 15.0) -> None:
         """Stop taking requests, let those in hand finish (up to `grace` seconds), close."""
-        for queue, tag in self.consumers:
+        for channel, tag in self.consumers:
             try:
-                await queue.cancel(tag)
+                await channel.basic_cancel(tag)
             except Exception:
-                pass
+                pass  # the channel is gone already
         self.consumers.clear()
         if self.running:
             await asyncio.wait(list(self.running), timeout=grace)
@@ -198,7 +225,7 @@ class RpcClient:
         self.timeout = timeout
         self.pending: dict[str, asyncio.Future[bytes]] = {}
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self.channel: aio_pika.abc.AbstractChannel | None = None
+        self.channel: aio_pika.abc.AbstractRobustChannel | None = None
         self.reply_queue = f"{prefix}rpc.replies.{uuid.uuid4().hex}"
         self._starting: asyncio.Lock | None = None
 
@@ -208,14 +235,23 @@ class RpcClient:
         async with self._starting:
             if self.channel is not None:
                 return
-            self.connection = await aio_pika.connect_robust(self.amqp_url)
-            channel = await self.connection.channel(publisher_confirms=False)
-            queue = await channel.declare_queue(self.reply_queue, exclusive=True, auto_delete=True)
-            await queue.consume(self._on_reply, no_ack=True)
-            self.channel = channel
+            connection = await aio_pika.connect_robust(self.amqp_url)
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.declare_queue(self.reply_queue, exclusive=True, auto_delete=True)
+            self.connection, self.channel = connection, channel
+            await self._consume()
+            connection.reconnect_callbacks.add(self._consume_again)
 
-    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        future = self.pending.pop(message.correlation_id or "", None)
+    async def _consume_again(self, *_: Any) -> None:
+        await self._consume()
+
+    async def _consume(self) -> None:
+        assert self.channel is not None
+        underlay = await self.channel.get_underlay_channel()
+        await underlay.basic_consume(self.reply_queue, self._on_reply, no_ack=True)
+
+    async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
+        future = self.pending.pop(message.header.properties.correlation_id or "", None)
         if future is not None and not future.done():  # else: its caller gave up
             future.set_result(message.body)
 
@@ -230,20 +266,21 @@ class RpcClient:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.pending[correlation_id] = future
         try:
-            await self.channel.default_exchange.publish(
-                aio_pika.Message(
-                    request.__pydantic_serializer__.to_json(request),
+            underlay = await self.channel.get_underlay_channel()
+            await underlay.basic_publish(
+                request.__pydantic_serializer__.to_json(request),
+                routing_key=command.queue(self.prefix),
+                properties=Properties(
                     correlation_id=correlation_id,
                     reply_to=self.reply_queue,
-                    expiration=timeout,
+                    expiration=str(int(timeout * 1000)),
                     content_type="application/json",
                 ),
-                routing_key=command.queue(self.prefix),
             )
             body = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise Unavailable(f"the {command.service} service did not answer within {timeout:g} s") from None
-        except aio_pika.exceptions.AMQPError as error:
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
             raise Unavailable(f"the message broker is unavailable: {error}") from None
         finally:
             self.pending.pop(correlation_id, None)

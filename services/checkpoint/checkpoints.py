@@ -20,7 +20,6 @@ from services.checkpoint.store import CheckpointStore
 from shared.contracts.checkpoint import (
     DOWNLOADS,
     RENAMES,
-    SERVICE,
     CheckpointActivated,
     CheckpointDeleted,
     CheckpointDisabled,

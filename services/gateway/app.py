@@ -3,7 +3,6 @@ OpenAPI document at `/api`, and a broker connection for RPC and identity's event
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -47,13 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     completions = Completions()
 
     def replica_queue(routing_key: str) -> RabbitQueue:
-        """A queue of this replica alone, gone with it, bound to the events exchange."""
-        return RabbitQueue(
-            f"{names.prefix}gateway.{uuid.uuid4().hex[:12]}.{routing_key.replace('*', 'any')}",
-            exclusive=True,
-            auto_delete=True,
-            routing_key=routing_key,
-        )
+        return names.replica_queue("gateway", routing_key)
 
     # Real-time callers wait for their job: each replica hears every job that finishes.
     @broker.subscriber(replica_queue(InferenceSucceeded.routing_key), names.events)

@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.gateway.envelope import forbidden_api_key, respond
 from shared.contracts.identity import AUTHENTICATE_USER, AuthenticateUser, Principal
 from shared.errors import Forbidden, Invalid, PayloadTooLarge, Unauthorized
-from shared.rpc import RpcClient
 from shared.permissions import allows_any
+from shared.rpc import RpcClient
 from shared.settings import API_VERSION
 
 # Documentation pages carry no data and a browser opening them sends no key.

@@ -18,7 +18,7 @@ async def setup(runtime: Runtime):
     store = IdentityStore(client[settings.database_name(SERVICE)])
     users = Users(store, runtime.events, settings.admin_username)
     roles = Roles(store, runtime.events, settings.admin_username)
-    handlers.register(runtime, users, roles)
+    handlers.register(runtime, users, roles, store)
 
     async def prepare() -> None:
         await store.ensure_indexes()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from services.identity.roles import Roles
+from services.identity.store import IdentityStore
 from services.identity.users import Users
 from shared.contracts import identity as contract
+from shared.messaging import Event
 from shared.service import Runtime
 
 
-def register(runtime: Runtime, users: Users, roles: Roles) -> None:
+def register(runtime: Runtime, users: Users, roles: Roles, store: IdentityStore) -> None:
     runtime.rpc.register_all({
         contract.AUTHENTICATE_USER: users.authenticate,
         contract.CREATE_USER: users.create,
@@ -18,3 +20,8 @@ def register(runtime: Runtime, users: Users, roles: Roles) -> None:
         contract.LIST_ROLES: roles.list,
         contract.DELETE_ROLES: roles.delete,
     })
+
+    # Every replica keeps the roles in memory: a change made by another one empties it here.
+    @runtime.broker.subscriber(runtime.names.replica_queue(contract.SERVICE, "role.*"), runtime.names.events)
+    async def role_changed(_: Event) -> None:
+        store.forget_roles()

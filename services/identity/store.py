@@ -1,7 +1,12 @@
-"""Identity's MongoDB collections: `users` and `roles`, each unique by name."""
+"""Identity's MongoDB collections: `users` and `roles`, each unique by name.
+
+Roles are few and read by nearly every request (a principal is a user's roles' permissions),
+so this store keeps them all in memory: forgotten on its own writes and, for the writes of
+other replicas, when identity hears a `role.*` event; reloaded after `ROLES_TTL` at the latest."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from pymongo import ASCENDING
@@ -29,10 +34,16 @@ def _role(doc: dict) -> Role:
     )
 
 
+ROLES_TTL = 30.0
+
+
 class IdentityStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.users = db["users"]
         self.roles = db["roles"]
+        self._roles: dict[str, Role] | None = None  # every role, by name, in name order
+        self._roles_until = 0.0
+        self._roles_generation = 0
 
     async def ensure_indexes(self) -> None:
         await self.users.create_index([("username", ASCENDING)], unique=True)
@@ -80,9 +91,27 @@ class IdentityStore:
     # --- roles ---
 
     async def find_roles(self, names: list[str] | None = None) -> dict[str, Role]:
-        query = {"role_name": {"$in": names}} if names is not None else {}
-        cursor = self.roles.find(query).sort("role_name", ASCENDING)
-        return {doc["role_name"]: _role(doc) async for doc in cursor}
+        """The named roles that exist (all of them without names), in name order."""
+        roles = await self._all_roles()
+        if names is None:
+            return dict(roles)
+        wanted = set(names)
+        return {name: role for name, role in roles.items() if name in wanted}
+
+    async def _all_roles(self) -> dict[str, Role]:
+        now = time.monotonic()
+        if self._roles is not None and now < self._roles_until:
+            return self._roles
+        generation = self._roles_generation
+        cursor = self.roles.find({}).sort("role_name", ASCENDING)
+        roles = {doc["role_name"]: _role(doc) async for doc in cursor}
+        if generation == self._roles_generation:  # else a change came while reading: read again next time
+            self._roles, self._roles_until = roles, now + ROLES_TTL
+        return roles
+
+    def forget_roles(self) -> None:
+        self._roles_generation += 1
+        self._roles = None
 
     async def add_role_if_absent(self, role: Role) -> bool:
         result = await self.roles.update_one(
@@ -90,6 +119,7 @@ class IdentityStore:
             {"$setOnInsert": self._role_doc(role)},
             upsert=True,
         )
+        self.forget_roles()
         return result.upserted_id is not None
 
     async def save_role(self, role: Role) -> bool:
@@ -102,12 +132,14 @@ class IdentityStore:
             },
             upsert=True,
         )
+        self.forget_roles()
         return result.upserted_id is not None
 
     async def delete_roles(self, names: list[str]) -> list[str]:
         found = list(await self.find_roles(names))
         if found:
             await self.roles.delete_many({"role_name": {"$in": found}})
+            self.forget_roles()
             await self.users.update_many(
                 {"roles": {"$in": found}}, {"$pull": {"roles": {"$in": found}}}
             )

@@ -4,13 +4,12 @@ from its listing, so that a checkpoint activated while this service was away is 
 
 from __future__ import annotations
 
+from services.inference.domain import CatalogEntry
+from services.inference.store import InferenceStore
 from shared.contracts import checkpoint as checkpoints
 from shared.contracts.identity import Principal
 from shared.rpc import RpcClient
 from shared.storage import parse_s3_uri
-
-from services.inference.domain import CatalogEntry
-from services.inference.store import InferenceStore
 
 # who the catalog asks the checkpoint service as
 SYSTEM = Principal(username="inference-service", roles=[], permissions=["checkpoint:all"])

@@ -25,8 +25,6 @@ from shared.contracts.identity import (
     ListRoles,
     ListUsers,
     Principal,
-    RoleList,
-    UserList,
 )
 from shared.db import mongo_client
 from shared.errors import Forbidden, Invalid, Unauthorized
