@@ -80,12 +80,22 @@ async def serve(service: str, setup: Setup, settings: Settings | None = None) ->
         await runtime.rpc.start()
         stack.push_async_callback(runtime.rpc.stop)
         log.info("service.ready", amqp=settings.amqp_url.rsplit("@", 1)[-1])
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await stopping.wait()
+        await until_stopped()
         log.info("service.stopping")
+
+
+async def until_stopped() -> None:
+    """Wait for SIGTERM or SIGINT (or for the caller to be cancelled)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

@@ -19,7 +19,6 @@ of every job. What a worker does with a job is its own.
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -35,6 +34,7 @@ from shared.contracts.workers import GoAhead, WorkerHeartbeat, WorkerState
 from shared.errors import Invalid
 from shared.messaging import Event, EventPublisher, Names, create_broker
 from shared.rpc import Command, RpcClient
+from shared.service import until_stopped
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
@@ -103,12 +103,11 @@ class WorkerRuntime:
             self.state = WorkerState.READY
             beating = asyncio.create_task(self._beat_forever())
             log.info("worker.ready", pool=self.pool, worker_id=self.worker_id)
-            stopping = asyncio.Event()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
-            await stopping.wait()
+            try:
+                await until_stopped()
+            finally:
+                beating.cancel()
             log.info("worker.stopping", worker_id=self.worker_id)
-            beating.cancel()
             await self.broker.stop()  # waits for the job in hand, then stops consuming
             self.state = WorkerState.STOPPING
             await self._beat()
