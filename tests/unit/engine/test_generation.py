@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import pytest
 from PIL import Image, ImageChops
@@ -256,3 +257,18 @@ def test_clip_skip_from_override_settings_runs_and_changes_the_image(checkpoint)
         return engine.generate(request, ModelFiles(checkpoint=checkpoint)).images[0]
 
     assert image({"CLIP_stop_at_last_layers": 2}) != image({})
+
+
+@pytest.mark.skipif(
+    os.environ.get("ESD_FULL_SIZE_TESTS") != "1",
+    reason="writes a 2 GB checkpoint: set ESD_FULL_SIZE_TESTS=1",
+)
+def test_a_full_size_sd15_checkpoint_loads_and_runs_offline(tmp_path, no_network):
+    from diffusion.testing import make_sd15_checkpoint
+
+    path = make_sd15_checkpoint(tmp_path / "sd15.safetensors", seed=0)
+    request = GenerationRequest.from_payload(
+        "txt2img", {"prompt": "a cat", "steps": 1, "width": 64, "height": 64}
+    )
+    result = Engine().generate(request, ModelFiles(checkpoint=path))
+    assert len(result.images) == 1

@@ -185,9 +185,9 @@ SDXL_KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2)_[a-z0-9_]+\.(lora_down\.weigh
 
 
 def test_an_sdxl_lora_is_trained_in_kohyas_sdxl_layout_and_changes_the_engines_images(dataset, tmp_path):
-    from services.inference.worker.engine import tiny
+    from diffusion.testing import make_tiny_sdxl_checkpoint
 
-    checkpoint = tiny.make_tiny_sdxl_checkpoint(tmp_path / "tiny-sdxl.safetensors", seed=0)
+    checkpoint = make_tiny_sdxl_checkpoint(tmp_path / "tiny-sdxl.safetensors", seed=0)
     with pytest.raises(ValueError, match="fm_type: sd_1_5 does not match the base model, an SDXL"):
         train_lora(checkpoint, dataset, _config(max_train_steps=1), tmp_path / "wrong")
     config = _config(

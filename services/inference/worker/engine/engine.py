@@ -22,22 +22,17 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import (
-    AutoencoderKL,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 
+from diffusion.checkpoints import read_state_dict
+from diffusion.components import load_vae
 from services.inference.worker.engine.infotext import VERSION, infotext, png_with_parameters
-from services.inference.worker.engine.loading import (
+from services.inference.worker.engine.pipelines import (
     LoadedCheckpoint,
     clip_skip_compatible,
     load_checkpoint,
-    load_vae,
-    read_state_dict,
+    pipeline_for_job,
 )
 from services.inference.worker.engine.request import MAX_SEED, GenerationRequest
 
@@ -154,23 +149,9 @@ class Engine:
         loaded = self._checkpoint(models.checkpoint)
         base = loaded.pipeline
         vae = self._vae(vae_file, loaded) if vae_file else base.vae
-        components = {
-            **base.components,
-            "vae": vae,
-            "scheduler": sampler.make_scheduler(base.scheduler.config),
-        }
-        if loaded.architecture.is_sdxl:
-            # original_size / target_size / crops are left to diffusers' defaults (the image size)
-            pipeline_class = (
-                StableDiffusionXLImg2ImgPipeline if request.task == "img2img" else StableDiffusionXLPipeline
-            )
-            pipe = pipeline_class(**components, add_watermarker=False)
-        else:
-            pipeline_class = (
-                StableDiffusionImg2ImgPipeline if request.task == "img2img" else StableDiffusionPipeline
-            )
-            pipe = pipeline_class(**components, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = pipeline_for_job(
+            loaded, task=request.task, vae=vae, scheduler=sampler.make_scheduler(base.scheduler.config)
+        )
 
         # Filled as they are applied, so that a failure half-way still removes what was added.
         adapters: list[str] = []

@@ -1,8 +1,8 @@
 """LoRA training of a Stable Diffusion 1.x or SDXL checkpoint on a kohya dataset folder.
 
-The base model is loaded through the inference engine's loader (the same single-file
-checkpoints, no hub). peft adds LoRA layers to the UNet's attention projections (and, if asked,
-the text encoder's); the loss is the usual noise-prediction MSE under the checkpoint's DDPM noise
+The base model's parts are loaded by the shared `diffusion` package (the same single-file
+checkpoints the inference engine reads; no hub, no pipeline). peft adds LoRA layers to the
+UNet's attention projections (and, if asked, the text encoder's); the loss is the usual noise-prediction MSE under the checkpoint's DDPM noise
 schedule. The VAE is frozen, so every image is encoded once before training, and so is the text
 encoder unless it is trained, so every caption is encoded once as well: a training step is then
 only the UNet's forward and backward pass and the optimizer's update.
@@ -29,7 +29,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, inject_adapter_in_model
 
-from services.inference.worker.engine.loading import load_checkpoint
+from diffusion.components import load_components
 from services.training.worker.trainer import kohya_format
 from services.training.worker.trainer.config import TrainingConfig
 from services.training.worker.trainer.dataset import load_pixels, read_dataset
@@ -109,19 +109,18 @@ class Trainer:
                 "they are trained with an empty prompt"
             )
 
-        loaded = load_checkpoint(self.base_checkpoint, device=self.device, dtype=self.weight_dtype)
-        self.sdxl = loaded.architecture.is_sdxl
+        components = load_components(self.base_checkpoint, device=self.device, dtype=self.weight_dtype)
+        self.sdxl = components.is_sdxl
         if self.sdxl != (config.fm_type == "sd_xl"):
             found = "an SDXL" if self.sdxl else "a Stable Diffusion 1.x"
             raise ValueError(f"fm_type: {config.fm_type} does not match the base model, {found} checkpoint")
-        pipeline = loaded.pipeline
-        self.unet = pipeline.unet
-        self.text_encoder = pipeline.text_encoder
-        self.tokenizer = pipeline.tokenizer
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
         # SDXL: the second (OpenCLIP bigG) encoder, whose pooled projection conditions the UNet too
-        self.text_encoder_2 = pipeline.text_encoder_2 if self.sdxl else None
-        self.tokenizer_2 = pipeline.tokenizer_2 if self.sdxl else None
-        for model in (self.unet, self.text_encoder, self.text_encoder_2, pipeline.vae):
+        self.text_encoder_2 = components.text_encoder_2
+        self.tokenizer_2 = components.tokenizer_2
+        for model in (self.unet, self.text_encoder, self.text_encoder_2, components.vae):
             if model is not None:
                 model.requires_grad_(False)
         layers = self.text_encoder.config.num_hidden_layers
@@ -141,15 +140,15 @@ class Trainer:
         )
 
         # Noise schedule: the checkpoint's betas, as DDPM defines them for training.
-        noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
         alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._sqrt_alpha = alphas_cumprod.sqrt()
         self._sqrt_one_minus_alpha = (1 - alphas_cumprod).sqrt()
         self._timesteps = noise_scheduler.config.num_train_timesteps
         self._v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
 
-        self._cache_latents(pipeline.vae)
-        del pipeline, loaded  # the VAE is not needed any more
+        self._cache_latents(components.vae)
+        del components  # the VAE is not needed any more
         self._add_lora()
         self._cache_captions()
         self._plan_batches()

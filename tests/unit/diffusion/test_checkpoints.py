@@ -1,0 +1,75 @@
+"""A user's checkpoint file is read without running its code and recognised from its keys;
+what is not an SD 1.x or SDXL base model is refused with a message that says what it is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffusion import layout
+from diffusion.checkpoints import UnsupportedCheckpoint, read_state_dict, recognise
+from diffusion.components import load_components
+
+CPU = torch.device("cpu")
+
+
+def test_pickled_checkpoints_are_read_without_running_code(tmp_path):
+    weights = {"model.diffusion_model.out.2.bias": torch.ones(4)}
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": weights, "global_step": 10}, path)
+    assert read_state_dict(path).keys() == weights.keys()
+    torch.save({"state_dict": weights}, path, _use_new_zipfile_serialization=False)  # before torch 1.6
+    assert read_state_dict(path).keys() == weights.keys()
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"state_dict": weights, "evil": Payload()}, path)
+    with pytest.raises(UnsupportedCheckpoint, match="could not be read"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("conditioner.embedders.1.model.ln_final.weight", "SDXL"),
+        ("cond_stage_model.model.ln_final.weight", "2.x"),
+        ("some.other.weight", "not a Stable Diffusion checkpoint"),
+    ],
+)
+def test_checkpoints_of_other_architectures_are_refused(tmp_path, key, message):
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(2)}, str(path))
+    with pytest.raises(UnsupportedCheckpoint, match=message):
+        load_components(path, device=CPU, dtype=torch.float32)
+
+
+def test_a_full_size_sdxl_checkpoint_is_recognised_from_its_keys(tmp_path):
+    def shaped(*shape):
+        return torch.zeros(1).expand(*shape)  # the shape without the memory
+
+    state = {
+        layout.SDXL_TEXT_ENCODER_PREFIX + "text_model.embeddings.token_embedding.weight": shaped(49408, 768),
+        layout.SDXL_TEXT_ENCODER_2_PREFIX + "token_embedding.weight": shaped(49408, 1280),
+        layout.UNET_PREFIX + "input_blocks.0.0.weight": shaped(320, 4, 3, 3),
+        layout.UNET_PREFIX + "label_emb.0.0.weight": shaped(1280, 2816),
+    }
+    architecture = recognise(tmp_path / "sdxl.ckpt", state)
+    assert architecture.name == "sdxl" and architecture.is_sdxl
+    assert architecture.configs["unet"]["addition_embed_type"] == "text_time"
+    assert architecture.configs["text_encoder_2"]["architectures"] == ["CLIPTextModelWithProjection"]
+    refiner = {**state, layout.UNET_PREFIX + "label_emb.0.0.weight": shaped(1536, 2560)}
+    with pytest.raises(UnsupportedCheckpoint, match="refiner"):
+        recognise(tmp_path / "refiner.ckpt", refiner)
+
+
+def test_the_sd15_tokenizer_is_clips_without_the_hub(no_network):
+    from diffusion.tokenizers import sd15_tokenizer
+
+    tokenizer = sd15_tokenizer()
+    assert len(tokenizer) == 49408
+    assert tokenizer.model_max_length == 77
+    # ids from OpenAI's CLIP tokenizer
+    assert tokenizer("A person riding a motorcycle").input_ids == [49406, 320, 2533, 6765, 320, 10297, 49407]
