@@ -93,14 +93,10 @@ class Worker:
             await self._beat()
 
     def _make_engine(self):
-        from services.inference.worker.engine import Engine  # the heavy imports: torch, diffusers
+        from diffusion.device import choose_device  # the heavy imports: torch, diffusers
+        from services.inference.worker.engine import Engine
 
-        device = self.settings.worker_device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return Engine(device=device)
+        return Engine(device=choose_device(self.settings.worker_device))
 
     async def _beat(self) -> None:
         beat = WorkerHeartbeat(endpoint_name=self.endpoint, worker_id=self.worker_id, state=self.state, at=time.time())

@@ -135,12 +135,9 @@ class TrainingWorker:
         return TrainingDone(training_id=job.training_id, worker_id=self.worker_id, final_key=keys[-1], output_keys=keys, info=info)
 
     def _device(self) -> str:
-        device = self.settings.worker_device
-        if device == "auto":
-            import torch
+        from diffusion.device import choose_device
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return device
+        return str(choose_device(self.settings.worker_device))
 
     async def _model(self, job: TrainLora) -> Path:
         """The base model on local disk, downloaded once."""

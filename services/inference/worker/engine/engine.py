@@ -82,7 +82,9 @@ class _FileKey:
 class Engine:
     """Runs generation requests; one at a time (calls are serialised)."""
 
-    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, max_pipelines: int = 2):
+    def __init__(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, max_pipelines: int = 2
+    ):
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.max_pipelines = max(1, max_pipelines)

@@ -74,7 +74,14 @@ class Trainer:
     model and the dataset; each `step()` makes one optimizer update and returns its progress.
     `step()` may be called past `steps` (the data keeps cycling), e.g. to time it."""
 
-    def __init__(self, base_checkpoint: Path, dataset_dir: Path, config: TrainingConfig, *, device: str = "cpu"):
+    def __init__(
+        self,
+        base_checkpoint: Path,
+        dataset_dir: Path,
+        config: TrainingConfig,
+        *,
+        device: str | torch.device = "cpu",
+    ):
         self.base_checkpoint = Path(base_checkpoint)
         self.dataset_dir = Path(dataset_dir)
         self.config = config
@@ -447,7 +454,7 @@ def train_lora(
     config: TrainingConfig,
     out_dir: Path,
     *,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: Callable[[TrainingProgress], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> TrainingResult:
