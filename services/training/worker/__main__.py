@@ -33,6 +33,7 @@ from shared.contracts.training import (
     TrainingStarted,
     TrainLora,
 )
+from shared.errors import Invalid
 from shared.jobs import JobError, go_ahead, run_and_report
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, RpcClient, create_broker, declare_work_queue
@@ -102,8 +103,8 @@ class TrainingWorker:
         assert self.storage is not None
         try:
             config = TrainingConfig.from_esd({**job.config_params, "fm_type": job.fm_type})
-        except ValueError as error:
-            raise JobError(f"bad config_params: {error}") from None
+        except Invalid as error:
+            raise JobError(f"bad config_params: {error.message}") from None
         model = await self._model(job)
         loop = asyncio.get_running_loop()
         last = [0.0]

@@ -31,8 +31,8 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from diffusion.components import load_components
 from services.training.worker.trainer import kohya_format
-from services.training.worker.trainer.config import TrainingConfig
 from services.training.worker.trainer.dataset import load_pixels, read_dataset
+from shared.contracts.kohya import TrainingConfig
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
