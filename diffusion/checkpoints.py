@@ -24,6 +24,7 @@ from transformers import CLIPTokenizer
 
 from diffusion import layout, tokenizers
 from diffusion.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
+from shared.errors import Invalid
 
 # Where `diffusion.testing.make_tiny_checkpoint` stores the tiny architecture (safetensors header).
 TINY_METADATA_KEY = "esd.tiny_sd"
@@ -32,8 +33,9 @@ TINY_SDXL_METADATA_KEY = "esd.tiny_sdxl"
 _CLIP_TOKENS = layout.TEXT_ENCODER_PREFIX + "text_model.embeddings.token_embedding.weight"
 
 
-class UnsupportedCheckpoint(ValueError):
-    """The file is not a checkpoint of an architecture the workers run, or cannot be read."""
+class UnsupportedCheckpoint(Invalid):
+    """The user's file is not a checkpoint of an architecture the workers run, or cannot be
+    read as one; the message says what it is."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ def sdxl_architecture() -> Architecture:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a `.safetensors` file, or of a pickled checkpoint read with
-    `weights_only` (no code in a user's file is ever run)."""
+    `weights_only` (no code in a user's file is ever run). A file that is not there is the
+    caller's problem (FileNotFoundError), a file that cannot be read an UnsupportedCheckpoint."""
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     if path.suffix.lower() == ".safetensors":

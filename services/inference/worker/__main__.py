@@ -37,6 +37,7 @@ from shared.contracts.inference import (
     WorkerHeartbeat,
     queue_of,
 )
+from shared.errors import Invalid
 from shared.jobs import JobError, go_ahead, run_and_report
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, RpcClient, create_broker, declare_work_queue
@@ -146,7 +147,7 @@ class Worker:
         await self.rpc.call(SERVICE, "job_failed", JobFailed(inference_id=run.inference_id, worker_id=self.worker_id, error=error))
 
     async def _run(self, run: RunInference) -> tuple[list[str], dict]:
-        from services.inference.worker.engine import GenerationRequest, TokenizerUnavailable, UnsupportedCheckpoint
+        from services.inference.worker.engine import GenerationRequest
 
         if run.task_type not in RUNNABLE:
             raise JobError(f"task type {run.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})")
@@ -165,8 +166,8 @@ class Worker:
             raise JobError(f"api_param.json is not valid JSON: {error}") from None
         try:
             request = GenerationRequest.from_payload(run.task_type, payload)
-        except ValueError as error:
-            raise JobError(f"bad payload: {error}") from None
+        except Invalid as error:
+            raise JobError(f"bad payload: {error.message}") from None
         phase("payload")
         files = await self._model_files(run.models)
         phase("models")
@@ -184,8 +185,8 @@ class Worker:
 
         try:
             result = await asyncio.to_thread(self.engine.generate, request, files, progress=progress)
-        except (ValueError, UnsupportedCheckpoint, TokenizerUnavailable) as error:
-            raise JobError(str(error)) from None
+        except Invalid as error:
+            raise JobError(error.message) from None
         phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]
         for name, image in zip(names, result.images):

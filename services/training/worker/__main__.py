@@ -123,8 +123,8 @@ class TrainingWorker:
             device = self._device()
             try:
                 result = await asyncio.to_thread(train_lora, model, data, config, out, device=device, progress=progress)
-            except ValueError as error:
-                raise JobError(str(error)) from None
+            except Invalid as error:
+                raise JobError(error.message) from None
             keys = []
             for path in [*result.checkpoints, result.final]:
                 key = f"{job.output_prefix}/{path.name}"

@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from diffusion import layout
 from diffusion.checkpoints import UnsupportedCheckpoint, read_state_dict, recognise
 from diffusion.components import load_components
+from diffusion.tokenizers import TokenizerUnavailable
+from shared.errors import Invalid, Unavailable
 
 CPU = torch.device("cpu")
 
@@ -42,8 +44,20 @@ def test_pickled_checkpoints_are_read_without_running_code(tmp_path):
 def test_checkpoints_of_other_architectures_are_refused(tmp_path, key, message):
     path = tmp_path / "model.safetensors"
     save_file({key: torch.zeros(2)}, str(path))
-    with pytest.raises(UnsupportedCheckpoint, match=message):
+    with pytest.raises(UnsupportedCheckpoint, match=message) as caught:
         load_components(path, device=CPU, dtype=torch.float32)
+    # the user's mistake, told apart from a library's ValueError
+    assert isinstance(caught.value, Invalid) and not isinstance(caught.value, ValueError)
+    assert message in caught.value.message
+
+
+def test_a_file_that_is_no_checkpoint_at_all_is_an_invalid_one(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_bytes(b"these are not tensors")
+    with pytest.raises(UnsupportedCheckpoint, match="could not be read as a safetensors file"):
+        read_state_dict(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # the caller's problem, not the user's
+        read_state_dict(tmp_path / "nowhere.ckpt")
 
 
 def test_a_full_size_sdxl_checkpoint_is_recognised_from_its_keys(tmp_path):
@@ -73,3 +87,12 @@ def test_the_sd15_tokenizer_is_clips_without_the_hub(no_network):
     assert tokenizer.model_max_length == 77
     # ids from OpenAI's CLIP tokenizer
     assert tokenizer("A person riding a motorcycle").input_ids == [49406, 320, 2533, 6765, 320, 10297, 49407]
+
+
+def test_a_missing_clip_merges_file_is_a_deployment_problem(monkeypatch):
+    from diffusion import tokenizers
+
+    monkeypatch.setattr(tokenizers.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TokenizerUnavailable, match="openai-clip") as caught:
+        tokenizers.clip_merges_file()
+    assert isinstance(caught.value, Unavailable) and not isinstance(caught.value, Invalid)

@@ -34,7 +34,8 @@ from services.inference.worker.engine.pipelines import (
     load_checkpoint,
     pipeline_for_job,
 )
-from services.inference.worker.engine.request import MAX_SEED, GenerationRequest
+from services.inference.worker.engine.request import MAX_SEED, GenerationRequest, InvalidPayload
+from shared.errors import Invalid
 
 Progress = Callable[[int, int], None]
 Cancelled = Callable[[], bool]
@@ -61,6 +62,11 @@ class GenerationCancelled(Exception):
     """`cancelled()` answered True; the job's images were dropped."""
 
 
+class IncompatibleModel(Invalid):
+    """A LoRA or embedding of the job does not fit its checkpoint, or is not what its type
+    says; the message names it."""
+
+
 @dataclass(frozen=True)
 class _FileKey:
     """A cached file: its path and what says the content did not change under that path."""
@@ -75,7 +81,8 @@ class _FileKey:
         try:
             stat = resolved.stat()
         except FileNotFoundError:
-            raise ValueError(f"model file {path} does not exist") from None
+            # the worker downloaded the files: one missing is its fault, not the user's
+            raise FileNotFoundError(f"model file {path} does not exist") from None
         return cls(resolved, stat.st_size, stat.st_mtime_ns)
 
 
@@ -272,8 +279,12 @@ class Engine:
             adapters.append(adapter)  # before loading: a half-loaded adapter is unloaded too
             try:
                 pipe.load_lora_weights(read_state_dict(path), adapter_name=adapter)
-            except (ValueError, KeyError, FileNotFoundError) as error:
-                raise ValueError(f"LoRA {name!r} could not be applied to this model: {error}") from error
+            except (Invalid, ValueError, KeyError) as error:
+                # diffusers says a LoRA does not fit this model with ValueError or KeyError
+                message = error.message if isinstance(error, Invalid) else str(error)
+                raise IncompatibleModel(
+                    f"LoRA {name!r} could not be applied to this model: {message}"
+                ) from error
             weights.append(weight)
         if adapters:
             pipe.set_adapters(adapters, adapter_weights=weights)
@@ -285,11 +296,13 @@ class Engine:
         for name, path in embeddings.items():
             vectors = _embedding_vectors(read_state_dict(path), name)
             if vectors.shape[-1] != width:
-                raise ValueError(
+                raise IncompatibleModel(
                     f"embedding {name!r} has vectors of width {vectors.shape[-1]}, this model needs {width}"
                 )
             if name in pipe.tokenizer.get_vocab():
-                raise ValueError(f"embedding {name!r} has the name of a word the tokenizer already knows")
+                raise IncompatibleModel(
+                    f"embedding {name!r} has the name of a word the tokenizer already knows"
+                )
             tokens.append(name)
             pipe.load_textual_inversion({name: vectors}, token=name)
 
@@ -388,7 +401,7 @@ def _lora_files(weights: dict[str, float], available: dict[str, Path]) -> dict[s
         path = available.get(name)
         if path is None:
             known = ", ".join(sorted(available)) or "none"
-            raise ValueError(f"prompt: LoRA {name!r} is not among the job's LoRA models ({known})")
+            raise InvalidPayload(f"prompt: LoRA {name!r} is not among the job's LoRA models ({known})")
         chosen[name] = (Path(path), weight)
     return chosen
 
@@ -411,7 +424,9 @@ def _embedding_vectors(state: dict, name: str) -> torch.Tensor:
     else:
         tensors = [value for value in state.values() if isinstance(value, torch.Tensor)]
     if len(tensors) != 1:
-        raise ValueError(f"embedding {name!r}: not a textual-inversion embedding for Stable Diffusion 1.x")
+        raise IncompatibleModel(
+            f"embedding {name!r}: not a textual-inversion embedding for Stable Diffusion 1.x"
+        )
     vectors = tensors[0].float()
     return vectors[None] if vectors.ndim == 1 else vectors
 
@@ -422,7 +437,7 @@ def _vae_file(request: GenerationRequest, models: ModelFiles) -> Path | None:
             return None  # the request explicitly asks for the checkpoint's own VAE
         return Path(models.vae)
     if request.vae_setting is not None:
-        raise ValueError(
+        raise InvalidPayload(
             f"override_settings.sd_vae: VAE {request.vae_setting!r} was asked for but the job has no VAE model"
         )
     return None

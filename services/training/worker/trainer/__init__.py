@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
 
 if TYPE_CHECKING:
-    from services.training.worker.trainer.dataset import TrainingImage, read_dataset
+    from services.training.worker.trainer.dataset import InvalidDataset, TrainingImage, read_dataset
     from services.training.worker.trainer.training import (
         Trainer,
         TrainingCancelled,
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
+    "InvalidDataset": "dataset",
     "TrainingImage": "dataset",
     "read_dataset": "dataset",
     "Trainer": "training",
@@ -41,6 +42,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "InvalidDataset",
     "InvalidTrainingConfig",
     "Trainer",
     "TrainingCancelled",

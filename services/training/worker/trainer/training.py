@@ -2,10 +2,11 @@
 
 The base model's parts are loaded by the shared `diffusion` package (the same single-file
 checkpoints the inference engine reads; no hub, no pipeline). peft adds LoRA layers to the
-UNet's attention projections (and, if asked, the text encoder's); the loss is the usual noise-prediction MSE under the checkpoint's DDPM noise
-schedule. The VAE is frozen, so every image is encoded once before training, and so is the text
-encoder unless it is trained, so every caption is encoded once as well: a training step is then
-only the UNet's forward and backward pass and the optimizer's update.
+UNet's attention projections (and, if asked, the text encoder's); the loss is the usual
+noise-prediction MSE under the checkpoint's DDPM noise schedule. The VAE is frozen, so every
+image is encoded once before training, and so is the text encoder unless it is trained, so
+every caption is encoded once as well: a training step is then only the UNet's forward and
+backward pass and the optimizer's update.
 
 `Trainer` holds one run: `prepare()` does the loading and caching, each `step()` one optimizer
 update. `train_lora` drives it through the epochs, reports progress, honours cancellation and
@@ -32,7 +33,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from diffusion.components import load_components
 from services.training.worker.trainer import kohya_format
 from services.training.worker.trainer.dataset import load_pixels, read_dataset
-from shared.contracts.kohya import TrainingConfig
+from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
+from shared.errors import Invalid
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -65,8 +67,8 @@ class TrainingCancelled(Exception):
     """`cancelled()` answered True; the run stopped and its final file was not written."""
 
 
-class TrainingDiverged(ValueError):
-    """The loss or the weights became NaN or infinite (usually: the learning rate is too high)."""
+class TrainingDiverged(Invalid):
+    """The loss or the weights became NaN or infinite: the user's learning rate is too high."""
 
 
 class Trainer:
@@ -104,8 +106,8 @@ class Trainer:
 
     def prepare(self) -> None:
         """Read the dataset, load the model, add the LoRA layers, cache latents (and caption
-        embeddings), build the optimizer. Bad data or a model that cannot be trained raise
-        ValueError before any training."""
+        embeddings), build the optimizer. Bad data, a model that cannot be trained or arguments
+        that do not fit it raise an Invalid (shared.errors) before any training."""
         config = self.config
         started = time.time()
         self.images = read_dataset(self.dataset_dir, config.caption_extension)
@@ -120,7 +122,7 @@ class Trainer:
         self.sdxl = components.is_sdxl
         if self.sdxl != (config.fm_type == "sd_xl"):
             found = "an SDXL" if self.sdxl else "a Stable Diffusion 1.x"
-            raise ValueError(f"fm_type: {config.fm_type} does not match the base model, {found} checkpoint")
+            raise InvalidTrainingConfig(f"fm_type: {config.fm_type} does not match the base model, {found} checkpoint")
         self.unet = components.unet
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
@@ -132,7 +134,7 @@ class Trainer:
                 model.requires_grad_(False)
         layers = self.text_encoder.config.num_hidden_layers
         if config.clip_skip > layers:
-            raise ValueError(f"clip_skip: {config.clip_skip} is more than the text encoder's {layers} layers")
+            raise InvalidTrainingConfig(f"clip_skip: {config.clip_skip} is more than the text encoder's {layers} layers")
         if self.sdxl:
             # (original size, crop top-left, target size) as SDXL's micro-conditioning wants them:
             # the training resolution, uncropped (diffusers' defaults at generation time)
@@ -462,7 +464,8 @@ def train_lora(
 
     `progress` is called after every step (throttling is the caller's business); `cancelled`
     is asked before every step and a True stops the run with `TrainingCancelled`. Arguments,
-    data or models that cannot be used raise ValueError with a message meant for the user.
+    data or models that cannot be used raise an Invalid (shared.errors: InvalidTrainingConfig,
+    InvalidDataset, UnsupportedCheckpoint, TrainingDiverged) with a message meant for the user.
     """
     started = time.perf_counter()
     trainer = Trainer(base_checkpoint, dataset_dir, config, device=device)
