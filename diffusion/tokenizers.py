@@ -111,7 +111,7 @@ def _full_clip_tokenizer(pad_token: str) -> CLIPTokenizer:
 
 
 def tokenizer_from_json(text: str, pad_token: str = END) -> CLIPTokenizer:
-    """A tiny model's tokenizer, as `tiny_tokenizer_json` stored it."""
+    """A tiny model's tokenizer, as `diffusion.testing` stores it in the file's metadata."""
     data = json.loads(text)
     return build_clip_tokenizer(
         [tuple(pair) for pair in data["merges"]],

@@ -280,11 +280,9 @@ class Engine:
             try:
                 pipe.load_lora_weights(read_state_dict(path), adapter_name=adapter)
             except (Invalid, ValueError, KeyError) as error:
-                # diffusers says a LoRA does not fit this model with ValueError or KeyError
-                message = error.message if isinstance(error, Invalid) else str(error)
-                raise IncompatibleModel(
-                    f"LoRA {name!r} could not be applied to this model: {message}"
-                ) from error
+                # an unreadable file is an Invalid; diffusers says that a LoRA does not fit this
+                # model with a ValueError or a KeyError
+                raise IncompatibleModel(f"LoRA {name!r} could not be applied to this model: {error}") from error
             weights.append(weight)
         if adapters:
             pipe.set_adapters(adapters, adapter_weights=weights)
