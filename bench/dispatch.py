@@ -35,7 +35,7 @@ def direct_images(model: str, size: int, steps: int, count: int, ready=None, go=
     import torch
     from diffusers import EulerDiscreteScheduler
 
-    from services.inference.worker.engine.loading import load_checkpoint
+    from services.inference.worker.engine.pipelines import load_checkpoint
 
     pipe = load_checkpoint(Path(model), device=torch.device("cpu"), dtype=torch.float32).pipeline
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the jobs' sampler
@@ -143,7 +143,7 @@ def main() -> None:
 
     from deploy.local.first_image import TINY_MODEL, Client, _ensure_model
     from deploy.local.stack import LocalStack, free_port
-    from services.inference.worker.engine.tiny import make_tiny_checkpoint
+    from diffusion.testing import make_tiny_checkpoint
 
     payload = {"prompt": "a lighthouse", "steps": args.steps, "sampler_name": "Euler", "cfg_scale": 7,
                "width": args.size, "height": args.size, "seed": 1}

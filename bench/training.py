@@ -80,7 +80,7 @@ def main() -> None:
 
     from deploy.local.first_image import TINY_MODEL, Client, _ensure_model
     from deploy.local.stack import LocalStack, free_port
-    from services.inference.worker.engine.tiny import make_tiny_checkpoint
+    from diffusion.testing import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="esd-bench-") as var:
         model = make_tiny_checkpoint(Path(var) / "tiny.safetensors", seed=0)

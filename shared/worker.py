@@ -131,7 +131,8 @@ class WorkerRuntime:
                 log.warning("worker.heartbeat_failed", exc_info=True)
             await asyncio.sleep(self.settings.worker_heartbeat_seconds)
 
-    def device(self) -> str:
+    def device(self):
+        """The torch device this worker runs on (`ESD_WORKER_DEVICE`)."""
         from diffusion.device import choose_device  # torch: only when a worker asks
 
         return choose_device(self.settings.worker_device)

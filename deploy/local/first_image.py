@@ -43,7 +43,7 @@ def _ensure_model(client: Client, var_dir: Path, say) -> None:
     listed = client.call("GET", "/checkpoints", (200,), params={"types": "Stable-diffusion", "status": "Active", "per_page": 1000})
     if any(TINY_MODEL in item["name"] for item in listed.get("data", {}).get("checkpoints", [])):
         return
-    from services.inference.worker.engine.tiny import make_tiny_checkpoint
+    from diffusion.testing import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(var_dir / TINY_MODEL, seed=0)
     created = client.call("POST", "/checkpoints", (201,), json={

@@ -32,7 +32,7 @@ def upload_checkpoint(api, path, checkpoint_type: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, api):
-    from services.inference.worker.engine.tiny import make_tiny_checkpoint, make_tiny_lora
+    from diffusion.testing import make_tiny_checkpoint, make_tiny_lora
 
     folder = tmp_path_factory.mktemp("models")
     model, lora = folder / "tiny.safetensors", folder / "tiny-lora.safetensors"

@@ -29,7 +29,7 @@ def png(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def base_model(api, tmp_path_factory):
-    from services.inference.worker.engine.tiny import make_tiny_checkpoint
+    from diffusion.testing import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors", seed=0)
     name = unique("base.safetensors")

@@ -1,68 +1,13 @@
-"""Tiny random-weight models written once per session as real files, and a guard that fails
-any attempt to reach a host other than this machine (the engine must never need the hub)."""
+"""The engine's tests run on the tiny models, offline."""
 
-from __future__ import annotations
-
-import os
-
-# Read by huggingface_hub when it is first imported: set before the engine is.
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-import socket
-from pathlib import Path
-
-import pytest
-
-from services.inference.worker.engine import tiny
-
-LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any lookup or connection to a non-local host fails the test."""
-    real_getaddrinfo = socket.getaddrinfo
-    real_connect = socket.socket.connect
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in LOCAL_HOSTS:
-            raise AssertionError(f"the engine tried to reach {host}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    def connect(self, address):
-        if isinstance(address, tuple) and address[0] not in LOCAL_HOSTS:
-            raise AssertionError(f"the engine tried to connect to {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="session")
-def checkpoint(model_dir) -> Path:
-    return tiny.make_tiny_checkpoint(model_dir / "tiny-a.safetensors", seed=0)
-
-
-@pytest.fixture(scope="session")
-def other_checkpoint(model_dir) -> Path:
-    return tiny.make_tiny_checkpoint(model_dir / "tiny-b.safetensors", seed=1)
-
-
-@pytest.fixture(scope="session")
-def lora(model_dir, checkpoint) -> Path:
-    return tiny.make_tiny_lora(checkpoint, model_dir / "style.safetensors", seed=2)
-
-
-@pytest.fixture(scope="session")
-def vae(model_dir, checkpoint) -> Path:
-    return tiny.make_tiny_vae(checkpoint, model_dir / "other-vae.safetensors", seed=3)
-
-
-@pytest.fixture(scope="session")
-def embedding(model_dir, checkpoint) -> Path:
-    return tiny.make_tiny_embedding(checkpoint, model_dir / "mystyle.safetensors", seed=4)
+from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
+    checkpoint,
+    embedding,
+    lora,
+    model_dir,
+    no_network,
+    other_checkpoint,
+    sdxl_checkpoint,
+    sdxl_lora,
+    vae,
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import pytest
 from PIL import Image, ImageChops
@@ -12,8 +13,12 @@ from services.inference.worker.engine import (
     Engine,
     GenerationCancelled,
     GenerationRequest,
+    IncompatibleModel,
+    InvalidPayload,
     ModelFiles,
+    UnsupportedCheckpoint,
 )
+from shared.errors import Invalid
 
 # diffusers' schedulers trip numpy 2 deprecations on every job; they are theirs, not ours
 pytestmark = [
@@ -153,7 +158,7 @@ def test_a_lora_changes_the_image_for_its_job_only(engine, checkpoint, lora):
 
 
 def test_an_unknown_lora_is_refused(engine, checkpoint):
-    with pytest.raises(ValueError, match="LoRA 'missing' is not among the job's LoRA models"):
+    with pytest.raises(InvalidPayload, match="LoRA 'missing' is not among the job's LoRA models"):
         _txt2img(engine, ModelFiles(checkpoint=checkpoint), prompt="a cat <lora:missing:1>")
 
 
@@ -162,7 +167,7 @@ def test_a_broken_lora_fails_the_job_and_leaves_the_engine_clean(engine, checkpo
     broken.write_bytes(b"not a safetensors file")
     models = ModelFiles(checkpoint=checkpoint, loras={"style": lora, "broken": broken})
     before = _txt2img(engine, models, seed=5)
-    with pytest.raises(ValueError, match="LoRA 'broken' could not be applied"):
+    with pytest.raises(IncompatibleModel, match="LoRA 'broken' could not be applied"):
         _txt2img(engine, models, seed=5, prompt="a photo of a cat <lora:style:1> <lora:broken>")
     assert _txt2img(engine, models, seed=5).images == before.images
 
@@ -181,7 +186,7 @@ def test_a_vae_override_is_loaded_once_and_used(checkpoint, vae):
 
 
 def test_a_vae_named_in_the_settings_must_come_with_the_job(engine, checkpoint):
-    with pytest.raises(ValueError, match="override_settings.sd_vae"):
+    with pytest.raises(InvalidPayload, match="override_settings.sd_vae"):
         _txt2img(
             engine, ModelFiles(checkpoint=checkpoint), override_settings={"sd_vae": "pastel.safetensors"}
         )
@@ -240,8 +245,17 @@ def test_a_cancelled_job_stops_and_the_next_one_runs(engine, checkpoint):
 
 
 def test_a_missing_checkpoint_is_a_readable_error(engine, tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    # the worker's files, not the user's: not an Invalid
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         _txt2img(engine, ModelFiles(checkpoint=tmp_path / "nowhere.safetensors"))
+
+
+def test_an_unsupported_checkpoint_fails_as_the_users_mistake(engine, tmp_path):
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UnsupportedCheckpoint, match="corrupt.safetensors could not be read") as caught:
+        _txt2img(engine, ModelFiles(checkpoint=path))
+    assert isinstance(caught.value, Invalid)
 
 
 def test_clip_skip_from_override_settings_runs_and_changes_the_image(checkpoint):
@@ -256,3 +270,18 @@ def test_clip_skip_from_override_settings_runs_and_changes_the_image(checkpoint)
         return engine.generate(request, ModelFiles(checkpoint=checkpoint)).images[0]
 
     assert image({"CLIP_stop_at_last_layers": 2}) != image({})
+
+
+@pytest.mark.skipif(
+    os.environ.get("ESD_FULL_SIZE_TESTS") != "1",
+    reason="writes a 2 GB checkpoint: set ESD_FULL_SIZE_TESTS=1",
+)
+def test_a_full_size_sd15_checkpoint_loads_and_runs_offline(tmp_path, no_network):
+    from diffusion.testing import make_sd15_checkpoint
+
+    path = make_sd15_checkpoint(tmp_path / "sd15.safetensors", seed=0)
+    request = GenerationRequest.from_payload(
+        "txt2img", {"prompt": "a cat", "steps": 1, "width": 64, "height": 64}
+    )
+    result = Engine().generate(request, ModelFiles(checkpoint=path))
+    assert len(result.images) == 1

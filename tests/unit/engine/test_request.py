@@ -9,8 +9,9 @@ import json
 import pytest
 from PIL import Image
 
-from services.inference.worker.engine import GenerationRequest
+from services.inference.worker.engine import GenerationRequest, InvalidPayload, UnknownSampler
 from services.inference.worker.engine.samplers import resolve_sampler
+from shared.errors import Invalid
 
 
 def _png_base64() -> str:
@@ -59,19 +60,23 @@ def test_unknown_keys_nulls_and_infinity_are_accepted():
     ],
 )
 def test_a_bad_value_names_its_field(payload, field):
-    with pytest.raises(ValueError, match=rf"^invalid txt2img payload: {field}"):
+    with pytest.raises(InvalidPayload, match=rf"^invalid txt2img payload: {field}") as caught:
         GenerationRequest.from_payload("txt2img", payload)
+    assert isinstance(caught.value, Invalid) and caught.value.message == str(caught.value)
 
 
 def test_unknown_sampler_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known samplers: .*DPM\\+\\+ 2M Karras.*Euler a"):
+    known = "known samplers: .*DPM\\+\\+ 2M Karras.*Euler a"
+    with pytest.raises(InvalidPayload, match=f"sampler_name: unknown sampler 'Warp drive'; {known}"):
         GenerationRequest.from_payload("txt2img", {"sampler_name": "Warp drive"})
+    with pytest.raises(UnknownSampler, match="known schedule types: Automatic, Uniform, Karras"):
+        resolve_sampler("Euler", "Sideways")
 
 
 def test_img2img_needs_an_image_and_at_least_one_step():
-    with pytest.raises(ValueError, match="init_images"):
+    with pytest.raises(InvalidPayload, match="init_images"):
         GenerationRequest.from_payload("img2img", {"prompt": "a cat"})
-    with pytest.raises(ValueError, match="denoising_strength"):
+    with pytest.raises(InvalidPayload, match="denoising_strength"):
         GenerationRequest.from_payload(
             "img2img", {"init_images": [_png_base64()], "steps": 4, "denoising_strength": 0.1}
         )
@@ -82,7 +87,7 @@ def test_img2img_needs_an_image_and_at_least_one_step():
 
 
 def test_task_must_be_txt2img_or_img2img():
-    with pytest.raises(ValueError, match=r"task type rembg should be in \['txt2img', 'img2img'\]"):
+    with pytest.raises(InvalidPayload, match=r"task type rembg should be in \['txt2img', 'img2img'\]"):
         GenerationRequest.from_payload("rembg", {})
 
 
@@ -114,5 +119,5 @@ def test_lora_tags_are_taken_out_of_the_prompt():
 
 def test_a_lora_weight_must_be_a_number():
     request = GenerationRequest.from_payload("txt2img", {"prompt": "a cat <lora:ink:strong>"})
-    with pytest.raises(ValueError, match="prompt: LoRA 'ink'"):
+    with pytest.raises(InvalidPayload, match="prompt: LoRA 'ink'"):
         request.lora_tags()

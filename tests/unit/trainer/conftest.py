@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-# Read by huggingface_hub when it is first imported: set before the engine is.
+# Read by huggingface_hub when it is first imported: set before diffusers is.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from pathlib import Path
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.inference.worker.engine import tiny
+from diffusion import testing
 from services.training.worker.trainer import TrainingConfig, TrainingProgress, train_lora
 
 # 64x64 images make 8x8 latents for the tiny model: a step takes milliseconds on a CPU.
@@ -33,7 +33,7 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (64, 64), caption
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    return tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny.safetensors", seed=0)
+    return testing.make_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny.safetensors", seed=0)
 
 
 @pytest.fixture(scope="session")

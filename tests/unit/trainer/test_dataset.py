@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.training.worker.trainer import read_dataset
+from services.training.worker.trainer import InvalidDataset, read_dataset
 from services.training.worker.trainer.dataset import load_pixels
 from tests.unit.trainer.conftest import write_image
 
@@ -40,9 +40,9 @@ def test_nested_folders_hidden_files_and_caption_extension(tmp_path):
 
 def test_an_empty_dataset_is_refused(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match=r"dataset: no images \(png, jpg, jpeg, webp, bmp\) were found"):
+    with pytest.raises(InvalidDataset, match=r"dataset: no images \(png, jpg, jpeg, webp, bmp\) were found"):
         read_dataset(tmp_path)
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(InvalidDataset, match="is not a folder"):
         read_dataset(tmp_path / "missing")
 
 
@@ -55,6 +55,6 @@ def test_images_are_scaled_to_cover_and_centre_cropped(tmp_path):
     pixels, enlarged = load_pixels(image, (128, 96))
     assert pixels.shape == (3, 96, 128) and enlarged
     wide.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="wide.png could not be read as an image"):
+    with pytest.raises(InvalidDataset, match="wide.png could not be read as an image"):
         load_pixels(image, (64, 64))
     assert torch.is_tensor(pixels)

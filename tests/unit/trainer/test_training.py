@@ -11,15 +11,20 @@ import pytest
 import torch
 from PIL import Image, ImageChops
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from services.inference.worker.engine import Engine, GenerationRequest, ModelFiles
+from diffusion.checkpoints import UnsupportedCheckpoint
 from services.training.worker.trainer import (
+    InvalidDataset,
+    InvalidTrainingConfig,
     Trainer,
     TrainingCancelled,
     TrainingConfig,
+    TrainingDiverged,
     train_lora,
 )
+from shared.errors import Invalid
 from tests.unit.trainer.conftest import SMALL
 
 # diffusers' schedulers trip numpy 2 deprecations on every job; they are theirs, not ours
@@ -177,7 +182,7 @@ def test_the_step_can_be_run_and_timed_alone(checkpoint, dataset):
 
 
 def test_fm_type_must_match_the_base_model(checkpoint, dataset, tmp_path):
-    with pytest.raises(ValueError, match="fm_type: sd_xl does not match the base model"):
+    with pytest.raises(InvalidTrainingConfig, match="fm_type: sd_xl does not match the base model"):
         train_lora(checkpoint, dataset, _config(fm_type="sd_xl"), tmp_path)
 
 
@@ -185,10 +190,10 @@ SDXL_KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2)_[a-z0-9_]+\.(lora_down\.weigh
 
 
 def test_an_sdxl_lora_is_trained_in_kohyas_sdxl_layout_and_changes_the_engines_images(dataset, tmp_path):
-    from services.inference.worker.engine import tiny
+    from diffusion.testing import make_tiny_sdxl_checkpoint
 
-    checkpoint = tiny.make_tiny_sdxl_checkpoint(tmp_path / "tiny-sdxl.safetensors", seed=0)
-    with pytest.raises(ValueError, match="fm_type: sd_1_5 does not match the base model, an SDXL"):
+    checkpoint = make_tiny_sdxl_checkpoint(tmp_path / "tiny-sdxl.safetensors", seed=0)
+    with pytest.raises(InvalidTrainingConfig, match="fm_type: sd_1_5 does not match the base model, an SDXL"):
         train_lora(checkpoint, dataset, _config(max_train_steps=1), tmp_path / "wrong")
     config = _config(
         fm_type="sd_xl", max_train_steps=5, learning_rate=1e-2, output_name="mine", train_text_encoder=True
@@ -224,12 +229,12 @@ def test_an_sdxl_lora_is_trained_in_kohyas_sdxl_layout_and_changes_the_engines_i
 
 def test_an_empty_dataset_fails_before_training(checkpoint, tmp_path):
     (tmp_path / "data").mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(InvalidDataset, match="no images"):
         train_lora(checkpoint, tmp_path / "data", _config(), tmp_path / "out")
 
 
 def test_a_too_deep_clip_skip_is_refused(checkpoint, dataset, tmp_path):
-    with pytest.raises(ValueError, match="clip_skip: 5 is more than the text encoder's 3 layers"):
+    with pytest.raises(InvalidTrainingConfig, match="clip_skip: 5 is more than the text encoder's 3 layers"):
         train_lora(checkpoint, dataset, _config(clip_skip=5), tmp_path)
 
 
@@ -239,5 +244,18 @@ def test_clip_skip_and_noise_offset_train(checkpoint, dataset, tmp_path):
 
 
 def test_a_diverging_run_fails_with_a_clear_reason(checkpoint, dataset, tmp_path):
-    with pytest.raises(ValueError, match="lower the learning_rate"):
+    with pytest.raises(TrainingDiverged, match="lower the learning_rate"):
         train_lora(checkpoint, dataset, _config(max_train_steps=20, learning_rate=10, max_grad_norm=0), tmp_path)
+
+
+def test_an_unsupported_base_model_is_the_users_mistake(dataset, tmp_path):
+    base = tmp_path / "sd2.safetensors"
+    save_file({"cond_stage_model.model.ln_final.weight": torch.zeros(2)}, str(base))
+    with pytest.raises(UnsupportedCheckpoint, match="Stable Diffusion 2.x") as caught:
+        train_lora(base, dataset, _config(), tmp_path / "out")
+    assert isinstance(caught.value, Invalid)
+
+
+def test_the_training_errors_are_invalid_ones():
+    for error in (InvalidTrainingConfig, InvalidDataset, TrainingDiverged, UnsupportedCheckpoint):
+        assert issubclass(error, Invalid) and not issubclass(error, ValueError)

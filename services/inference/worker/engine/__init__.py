@@ -1,27 +1,37 @@
 """The image generation engine the inference worker calls: AUTOMATIC1111-style requests run
-on diffusers pipelines loaded from single-file checkpoints, with no Hugging Face hub access.
+on diffusers pipelines assembled from single-file checkpoints (read by the shared `diffusion`
+package), with no Hugging Face hub access.
 
     engine = Engine(device="cuda")
     request = GenerationRequest.from_payload("txt2img", payload)
     result = engine.generate(request, ModelFiles(checkpoint=path), progress=report)
+
+A user's mistake (a bad payload, an unknown sampler, a checkpoint, LoRA or embedding that does
+not fit) raises a `shared.errors.Invalid` whose message is meant for the user; anything else is
+a bug or a broken installation.
 """
 
+from diffusion.checkpoints import UnsupportedCheckpoint
+from diffusion.tokenizers import TokenizerUnavailable
 from services.inference.worker.engine.engine import (
     Engine,
     GenerationCancelled,
     GenerationResult,
+    IncompatibleModel,
     ModelFiles,
 )
-from services.inference.worker.engine.loading import UnsupportedCheckpoint
-from services.inference.worker.engine.request import GenerationRequest
-from services.inference.worker.engine.tokenizer import TokenizerUnavailable
+from services.inference.worker.engine.request import GenerationRequest, InvalidPayload
+from services.inference.worker.engine.samplers import UnknownSampler
 
 __all__ = [
     "Engine",
     "GenerationCancelled",
     "GenerationRequest",
     "GenerationResult",
+    "IncompatibleModel",
+    "InvalidPayload",
     "ModelFiles",
     "TokenizerUnavailable",
+    "UnknownSampler",
     "UnsupportedCheckpoint",
 ]

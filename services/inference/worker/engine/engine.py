@@ -22,24 +22,20 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import (
-    AutoencoderKL,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 
+from diffusion.checkpoints import read_state_dict
+from diffusion.components import load_vae
 from services.inference.worker.engine.infotext import VERSION, infotext, png_with_parameters
-from services.inference.worker.engine.loading import (
+from services.inference.worker.engine.pipelines import (
     LoadedCheckpoint,
     clip_skip_compatible,
     load_checkpoint,
-    load_vae,
-    read_state_dict,
+    pipeline_for_job,
 )
-from services.inference.worker.engine.request import MAX_SEED, GenerationRequest
+from services.inference.worker.engine.request import MAX_SEED, GenerationRequest, InvalidPayload
+from shared.errors import Invalid
 
 Progress = Callable[[int, int], None]
 Cancelled = Callable[[], bool]
@@ -66,6 +62,11 @@ class GenerationCancelled(Exception):
     """`cancelled()` answered True; the job's images were dropped."""
 
 
+class IncompatibleModel(Invalid):
+    """A LoRA or embedding of the job does not fit its checkpoint, or is not what its type
+    says; the message names it."""
+
+
 @dataclass(frozen=True)
 class _FileKey:
     """A cached file: its path and what says the content did not change under that path."""
@@ -80,14 +81,17 @@ class _FileKey:
         try:
             stat = resolved.stat()
         except FileNotFoundError:
-            raise ValueError(f"model file {path} does not exist") from None
+            # the worker downloaded the files: one missing is its fault, not the user's
+            raise FileNotFoundError(f"model file {path} does not exist") from None
         return cls(resolved, stat.st_size, stat.st_mtime_ns)
 
 
 class Engine:
     """Runs generation requests; one at a time (calls are serialised)."""
 
-    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, max_pipelines: int = 2):
+    def __init__(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, max_pipelines: int = 2
+    ):
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.max_pipelines = max(1, max_pipelines)
@@ -154,23 +158,9 @@ class Engine:
         loaded = self._checkpoint(models.checkpoint)
         base = loaded.pipeline
         vae = self._vae(vae_file, loaded) if vae_file else base.vae
-        components = {
-            **base.components,
-            "vae": vae,
-            "scheduler": sampler.make_scheduler(base.scheduler.config),
-        }
-        if loaded.architecture.is_sdxl:
-            # original_size / target_size / crops are left to diffusers' defaults (the image size)
-            pipeline_class = (
-                StableDiffusionXLImg2ImgPipeline if request.task == "img2img" else StableDiffusionXLPipeline
-            )
-            pipe = pipeline_class(**components, add_watermarker=False)
-        else:
-            pipeline_class = (
-                StableDiffusionImg2ImgPipeline if request.task == "img2img" else StableDiffusionPipeline
-            )
-            pipe = pipeline_class(**components, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = pipeline_for_job(
+            loaded, task=request.task, vae=vae, scheduler=sampler.make_scheduler(base.scheduler.config)
+        )
 
         # Filled as they are applied, so that a failure half-way still removes what was added.
         adapters: list[str] = []
@@ -289,8 +279,10 @@ class Engine:
             adapters.append(adapter)  # before loading: a half-loaded adapter is unloaded too
             try:
                 pipe.load_lora_weights(read_state_dict(path), adapter_name=adapter)
-            except (ValueError, KeyError, FileNotFoundError) as error:
-                raise ValueError(f"LoRA {name!r} could not be applied to this model: {error}") from error
+            except (Invalid, ValueError, KeyError) as error:
+                # an unreadable file is an Invalid; diffusers says that a LoRA does not fit this
+                # model with a ValueError or a KeyError
+                raise IncompatibleModel(f"LoRA {name!r} could not be applied to this model: {error}") from error
             weights.append(weight)
         if adapters:
             pipe.set_adapters(adapters, adapter_weights=weights)
@@ -302,11 +294,13 @@ class Engine:
         for name, path in embeddings.items():
             vectors = _embedding_vectors(read_state_dict(path), name)
             if vectors.shape[-1] != width:
-                raise ValueError(
+                raise IncompatibleModel(
                     f"embedding {name!r} has vectors of width {vectors.shape[-1]}, this model needs {width}"
                 )
             if name in pipe.tokenizer.get_vocab():
-                raise ValueError(f"embedding {name!r} has the name of a word the tokenizer already knows")
+                raise IncompatibleModel(
+                    f"embedding {name!r} has the name of a word the tokenizer already knows"
+                )
             tokens.append(name)
             pipe.load_textual_inversion({name: vectors}, token=name)
 
@@ -405,7 +399,7 @@ def _lora_files(weights: dict[str, float], available: dict[str, Path]) -> dict[s
         path = available.get(name)
         if path is None:
             known = ", ".join(sorted(available)) or "none"
-            raise ValueError(f"prompt: LoRA {name!r} is not among the job's LoRA models ({known})")
+            raise InvalidPayload(f"prompt: LoRA {name!r} is not among the job's LoRA models ({known})")
         chosen[name] = (Path(path), weight)
     return chosen
 
@@ -428,7 +422,9 @@ def _embedding_vectors(state: dict, name: str) -> torch.Tensor:
     else:
         tensors = [value for value in state.values() if isinstance(value, torch.Tensor)]
     if len(tensors) != 1:
-        raise ValueError(f"embedding {name!r}: not a textual-inversion embedding for Stable Diffusion 1.x")
+        raise IncompatibleModel(
+            f"embedding {name!r}: not a textual-inversion embedding for Stable Diffusion 1.x"
+        )
     vectors = tensors[0].float()
     return vectors[None] if vectors.ndim == 1 else vectors
 
@@ -439,7 +435,7 @@ def _vae_file(request: GenerationRequest, models: ModelFiles) -> Path | None:
             return None  # the request explicitly asks for the checkpoint's own VAE
         return Path(models.vae)
     if request.vae_setting is not None:
-        raise ValueError(
+        raise InvalidPayload(
             f"override_settings.sd_vae: VAE {request.vae_setting!r} was asked for but the job has no VAE model"
         )
     return None

@@ -1,8 +1,8 @@
 """The generation request: an AUTOMATIC1111 `/sdapi/v1/txt2img` or `img2img` body, validated.
 
 Unknown keys are ignored (clients send A1111's whole parameter set, `alwayson_scripts`
-included, and the non-standard `Infinity` for `s_tmax`); a bad value raises a ValueError whose
-message names the field, which the worker records as the job's failure reason.
+included, and the non-standard `Infinity` for `s_tmax`); a bad value raises an InvalidPayload
+whose message names the field, which the worker records as the job's failure reason.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services.inference.worker.engine.samplers import SamplerChoice, resolve_sampler
+from services.inference.worker.engine.samplers import SamplerChoice, UnknownSampler, resolve_sampler
+from shared.errors import Invalid
 
 Task = Literal["txt2img", "img2img"]
 TASKS: tuple[str, ...] = ("txt2img", "img2img")
@@ -26,6 +27,11 @@ MAX_SEED = 2**32 - 1
 # weight is used for both); LyCORIS's <lyco:...> reads the same.
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
+
+
+class InvalidPayload(Invalid):
+    """The A1111 body, or the prompt's tags, ask for something invalid; the message names the
+    field (`invalid txt2img payload: steps: ...`, `prompt: LoRA 'ink' ...`)."""
 
 
 class GenerationRequest(BaseModel):
@@ -58,6 +64,9 @@ class GenerationRequest(BaseModel):
                 data["sampler_name"] = data["sampler_index"]  # the pre-1.0 field name
         return data
 
+    # Validators raise ValueError, as pydantic wants; `from_payload` makes one InvalidPayload of
+    # them all.
+
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
@@ -68,14 +77,20 @@ class GenerationRequest(BaseModel):
     @field_validator("sampler_name")
     @classmethod
     def _known_sampler(cls, value: str) -> str:
-        resolve_sampler(value)
+        try:
+            resolve_sampler(value)
+        except UnknownSampler as error:
+            raise ValueError(error.message) from None  # pydantic names the field
         return value
 
     @field_validator("scheduler")
     @classmethod
     def _known_schedule(cls, value: str | None) -> str | None:
         if value is not None:
-            resolve_sampler("Euler", value)
+            try:
+                resolve_sampler("Euler", value)
+            except UnknownSampler as error:
+                raise ValueError(error.message) from None
         return value
 
     @field_validator("init_images")
@@ -84,8 +99,8 @@ class GenerationRequest(BaseModel):
         for index, text in enumerate(value):
             try:
                 decode_image(text)
-            except ValueError as error:
-                raise ValueError(f"image {index}: {error}") from None
+            except InvalidPayload as error:
+                raise ValueError(f"image {index}: {error.message}") from None
         return value
 
     @model_validator(mode="after")
@@ -103,13 +118,13 @@ class GenerationRequest(BaseModel):
     def from_payload(cls, task: str, payload: dict[str, Any]) -> GenerationRequest:
         """Validate an A1111 body for `task` (txt2img or img2img)."""
         if task not in TASKS:
-            raise ValueError(f"task type {task} should be in {list(TASKS)}")
+            raise InvalidPayload(f"task type {task} should be in {list(TASKS)}")
         if not isinstance(payload, dict):
-            raise ValueError(f"the {task} payload must be a JSON object, not {type(payload).__name__}")
+            raise InvalidPayload(f"the {task} payload must be a JSON object, not {type(payload).__name__}")
         try:
             return cls.model_validate({**payload, "task": task})
         except ValidationError as error:
-            raise ValueError(f"invalid {task} payload: {_describe(error)}") from None
+            raise InvalidPayload(f"invalid {task} payload: {_describe(error)}") from None
 
     # What the engine derives from the request.
 
@@ -128,7 +143,7 @@ class GenerationRequest(BaseModel):
         try:
             return max(1, int(value))
         except (TypeError, ValueError):
-            raise ValueError(
+            raise InvalidPayload(
                 f"override_settings.CLIP_stop_at_last_layers: not a number ({value!r})"
             ) from None
 
@@ -149,7 +164,7 @@ class GenerationRequest(BaseModel):
             try:
                 value = float(weight) if weight else 1.0
             except ValueError:
-                raise ValueError(
+                raise InvalidPayload(
                     f"prompt: LoRA {name!r} has a weight that is not a number ({weight!r})"
                 ) from None
             weights[name] = weights.get(name, 0.0) + value
@@ -170,7 +185,7 @@ def decode_image(text: str) -> Image.Image:
         image = Image.open(io.BytesIO(raw))
         image.load()
     except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
-        raise ValueError("not a base64-encoded PNG or JPEG image") from None
+        raise InvalidPayload("not a base64-encoded PNG or JPEG image") from None
     return image
 
 

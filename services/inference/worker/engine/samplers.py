@@ -29,6 +29,13 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from shared.errors import Invalid
+
+
+class UnknownSampler(Invalid):
+    """A sampler or schedule type A1111 does not have, or this platform does not run; the
+    message lists the known ones."""
+
 
 @dataclass(frozen=True)
 class _Sampler:
@@ -106,7 +113,7 @@ class SamplerChoice:
 
 
 def resolve_sampler(sampler_name: str, schedule: str | None = None) -> SamplerChoice:
-    """The sampler for A1111's `sampler_name` and `scheduler` fields; ValueError names the
+    """The sampler for A1111's `sampler_name` and `scheduler` fields; UnknownSampler names the
     known ones. Without a schedule type the sampler's name alone decides (pre-1.9 clients);
     "Automatic" takes the sampler's A1111 default."""
     by_lower = {name.lower(): name for name in SAMPLERS}
@@ -119,7 +126,7 @@ def resolve_sampler(sampler_name: str, schedule: str | None = None) -> SamplerCh
     if canonical is None:
         karras = [f"{name} Karras" for name in ("DPM++ 2M", "DPM2", "DPM2 a", "Euler", "Heun", "LMS")]
         known = ", ".join(sorted([*SAMPLERS, *karras]))
-        raise ValueError(f"unknown sampler {sampler_name!r}; known samplers: {known}")
+        raise UnknownSampler(f"unknown sampler {sampler_name!r}; known samplers: {known}")
 
     chosen = _schedule_name(schedule) if schedule else None
     if chosen in (None, "Automatic"):
@@ -137,7 +144,7 @@ def _schedule_name(schedule: str) -> str:
     name = by_lower.get(key) or _SCHEDULE_ALIASES.get(key)
     if name is None:
         known = ", ".join(["Automatic", *SCHEDULE_TYPES])
-        raise ValueError(f"unknown schedule type {schedule!r}; known schedule types: {known}")
+        raise UnknownSampler(f"unknown schedule type {schedule!r}; known schedule types: {known}")
     return name
 
 

@@ -6,8 +6,9 @@ a kohya dataset folder, a Stable Diffusion 1.x single-file checkpoint in, a kohy
     result = train_lora(checkpoint, dataset_dir, config, out_dir, device="cuda", progress=report)
     result.final  # out_dir / f"{config.output_name}.safetensors"
 
-`TrainingConfig` needs only pydantic, so the training service can validate `config_params`
-without torch; the rest (torch, diffusers, peft) is imported on first use.
+`TrainingConfig` lives with the wire contracts (`shared.contracts.kohya`, pure pydantic) so that
+the training service validates `config_params` without torch; it is re-exported here. The rest
+(torch, diffusers, peft) is imported on first use.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from services.training.worker.trainer.config import InvalidTrainingConfig, TrainingConfig
+from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
 
 if TYPE_CHECKING:
-    from services.training.worker.trainer.dataset import TrainingImage, read_dataset
+    from services.training.worker.trainer.dataset import InvalidDataset, TrainingImage, read_dataset
     from services.training.worker.trainer.training import (
         Trainer,
         TrainingCancelled,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
+    "InvalidDataset": "dataset",
     "TrainingImage": "dataset",
     "read_dataset": "dataset",
     "Trainer": "training",
@@ -40,6 +42,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "InvalidDataset",
     "InvalidTrainingConfig",
     "Trainer",
     "TrainingCancelled",

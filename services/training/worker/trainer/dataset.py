@@ -21,8 +21,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shared.errors import Invalid
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+class InvalidDataset(Invalid):
+    """The dataset holds no usable images, or an image that cannot be read; the message starts
+    with `dataset:`."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ def read_dataset(folder: Path, caption_extension: str = ".txt") -> list[Training
     """Every image of a kohya dataset folder with its caption and repeats, in a stable order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"dataset: {folder} is not a folder")
+        raise InvalidDataset(f"dataset: {folder} is not a folder")
     images: list[TrainingImage] = []
     skipped_folders: list[str] = []
     for path in sorted(folder.rglob("*")):
@@ -62,7 +69,7 @@ def read_dataset(folder: Path, caption_extension: str = ".txt") -> list[Training
         hint = ""
         if skipped_folders:
             hint = f" (folders with 0 repeats were left out: {', '.join(sorted(set(skipped_folders)))})"
-        raise ValueError(f"dataset: no images ({wanted}) were found in the dataset{hint}")
+        raise InvalidDataset(f"dataset: no images ({wanted}) were found in the dataset{hint}")
     return images
 
 
@@ -84,7 +91,7 @@ def load_pixels(image: TrainingImage, resolution: tuple[int, int]) -> tuple[torc
         with Image.open(image.path) as opened:
             picture = ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"dataset: {image.path.name} could not be read as an image: {error}") from None
+        raise InvalidDataset(f"dataset: {image.path.name} could not be read as an image: {error}") from None
     width, height = resolution
     scale = max(width / picture.width, height / picture.height)
     size = (max(width, round(picture.width * scale)), max(height, round(picture.height * scale)))

@@ -21,8 +21,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
-from services.training.worker.trainer.config import TrainingConfig
 from services.training.worker.trainer.dataset import TrainingImage
+from shared.contracts.kohya import TrainingConfig
 
 ADAPTER = "default"
 UNET_PREFIX = "lora_unet"

@@ -1,11 +1,12 @@
 """LoRA training of a Stable Diffusion 1.x or SDXL checkpoint on a kohya dataset folder.
 
-The base model is loaded through the inference engine's loader (the same single-file
-checkpoints, no hub). peft adds LoRA layers to the UNet's attention projections (and, if asked,
-the text encoder's); the loss is the usual noise-prediction MSE under the checkpoint's DDPM noise
-schedule. The VAE is frozen, so every image is encoded once before training, and so is the text
-encoder unless it is trained, so every caption is encoded once as well: a training step is then
-only the UNet's forward and backward pass and the optimizer's update.
+The base model's parts are loaded by the shared `diffusion` package (the same single-file
+checkpoints the inference engine reads; no hub, no pipeline). peft adds LoRA layers to the
+UNet's attention projections (and, if asked, the text encoder's); the loss is the usual
+noise-prediction MSE under the checkpoint's DDPM noise schedule. The VAE is frozen, so every
+image is encoded once before training, and so is the text encoder unless it is trained, so
+every caption is encoded once as well: a training step is then only the UNet's forward and
+backward pass and the optimizer's update.
 
 `Trainer` holds one run: `prepare()` does the loading and caching, each `step()` one optimizer
 update. `train_lora` drives it through the epochs, reports progress, honours cancellation and
@@ -29,10 +30,11 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, inject_adapter_in_model
 
-from services.inference.worker.engine.loading import load_checkpoint
+from diffusion.components import load_components
 from services.training.worker.trainer import kohya_format
-from services.training.worker.trainer.config import TrainingConfig
 from services.training.worker.trainer.dataset import load_pixels, read_dataset
+from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
+from shared.errors import Invalid
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -65,8 +67,8 @@ class TrainingCancelled(Exception):
     """`cancelled()` answered True; the run stopped and its final file was not written."""
 
 
-class TrainingDiverged(ValueError):
-    """The loss or the weights became NaN or infinite (usually: the learning rate is too high)."""
+class TrainingDiverged(Invalid):
+    """The loss or the weights became NaN or infinite: the user's learning rate is too high."""
 
 
 class Trainer:
@@ -74,7 +76,14 @@ class Trainer:
     model and the dataset; each `step()` makes one optimizer update and returns its progress.
     `step()` may be called past `steps` (the data keeps cycling), e.g. to time it."""
 
-    def __init__(self, base_checkpoint: Path, dataset_dir: Path, config: TrainingConfig, *, device: str = "cpu"):
+    def __init__(
+        self,
+        base_checkpoint: Path,
+        dataset_dir: Path,
+        config: TrainingConfig,
+        *,
+        device: str | torch.device = "cpu",
+    ):
         self.base_checkpoint = Path(base_checkpoint)
         self.dataset_dir = Path(dataset_dir)
         self.config = config
@@ -97,8 +106,8 @@ class Trainer:
 
     def prepare(self) -> None:
         """Read the dataset, load the model, add the LoRA layers, cache latents (and caption
-        embeddings), build the optimizer. Bad data or a model that cannot be trained raise
-        ValueError before any training."""
+        embeddings), build the optimizer. Bad data, a model that cannot be trained or arguments
+        that do not fit it raise an Invalid (shared.errors) before any training."""
         config = self.config
         started = time.time()
         self.images = read_dataset(self.dataset_dir, config.caption_extension)
@@ -109,24 +118,23 @@ class Trainer:
                 "they are trained with an empty prompt"
             )
 
-        loaded = load_checkpoint(self.base_checkpoint, device=self.device, dtype=self.weight_dtype)
-        self.sdxl = loaded.architecture.is_sdxl
+        components = load_components(self.base_checkpoint, device=self.device, dtype=self.weight_dtype)
+        self.sdxl = components.is_sdxl
         if self.sdxl != (config.fm_type == "sd_xl"):
             found = "an SDXL" if self.sdxl else "a Stable Diffusion 1.x"
-            raise ValueError(f"fm_type: {config.fm_type} does not match the base model, {found} checkpoint")
-        pipeline = loaded.pipeline
-        self.unet = pipeline.unet
-        self.text_encoder = pipeline.text_encoder
-        self.tokenizer = pipeline.tokenizer
+            raise InvalidTrainingConfig(f"fm_type: {config.fm_type} does not match the base model, {found} checkpoint")
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
         # SDXL: the second (OpenCLIP bigG) encoder, whose pooled projection conditions the UNet too
-        self.text_encoder_2 = pipeline.text_encoder_2 if self.sdxl else None
-        self.tokenizer_2 = pipeline.tokenizer_2 if self.sdxl else None
-        for model in (self.unet, self.text_encoder, self.text_encoder_2, pipeline.vae):
+        self.text_encoder_2 = components.text_encoder_2
+        self.tokenizer_2 = components.tokenizer_2
+        for model in (self.unet, self.text_encoder, self.text_encoder_2, components.vae):
             if model is not None:
                 model.requires_grad_(False)
         layers = self.text_encoder.config.num_hidden_layers
         if config.clip_skip > layers:
-            raise ValueError(f"clip_skip: {config.clip_skip} is more than the text encoder's {layers} layers")
+            raise InvalidTrainingConfig(f"clip_skip: {config.clip_skip} is more than the text encoder's {layers} layers")
         if self.sdxl:
             # (original size, crop top-left, target size) as SDXL's micro-conditioning wants them:
             # the training resolution, uncropped (diffusers' defaults at generation time)
@@ -141,15 +149,15 @@ class Trainer:
         )
 
         # Noise schedule: the checkpoint's betas, as DDPM defines them for training.
-        noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
         alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._sqrt_alpha = alphas_cumprod.sqrt()
         self._sqrt_one_minus_alpha = (1 - alphas_cumprod).sqrt()
         self._timesteps = noise_scheduler.config.num_train_timesteps
         self._v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
 
-        self._cache_latents(pipeline.vae)
-        del pipeline, loaded  # the VAE is not needed any more
+        self._cache_latents(components.vae)
+        del components  # the VAE is not needed any more
         self._add_lora()
         self._cache_captions()
         self._plan_batches()
@@ -448,7 +456,7 @@ def train_lora(
     config: TrainingConfig,
     out_dir: Path,
     *,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: Callable[[TrainingProgress], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> TrainingResult:
@@ -456,7 +464,8 @@ def train_lora(
 
     `progress` is called after every step (throttling is the caller's business); `cancelled`
     is asked before every step and a True stops the run with `TrainingCancelled`. Arguments,
-    data or models that cannot be used raise ValueError with a message meant for the user.
+    data or models that cannot be used raise an Invalid (shared.errors: InvalidTrainingConfig,
+    InvalidDataset, UnsupportedCheckpoint, TrainingDiverged) with a message meant for the user.
     """
     started = time.perf_counter()
     trainer = Trainer(base_checkpoint, dataset_dir, config, device=device)

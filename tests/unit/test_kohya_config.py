@@ -1,10 +1,16 @@
-"""ESD clients' `config_params`, in both the forms they send, become one TrainingConfig."""
+"""ESD clients' `config_params`, in both the forms they send, become one TrainingConfig; a bad
+value is refused as an `Invalid` that names the argument, without torch."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from services.training.worker.trainer import InvalidTrainingConfig, TrainingConfig
+from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
+from shared.errors import Invalid
 
 
 def test_defaults_when_nothing_is_given():
@@ -110,17 +116,28 @@ def test_negative_seed_means_random():
     ],
 )
 def test_bad_values_are_refused_naming_the_field(params, field):
-    with pytest.raises(ValueError, match=rf"^{field}: ") as caught:
+    with pytest.raises(InvalidTrainingConfig, match=rf"^{field}: ") as caught:
         TrainingConfig.from_esd(params)
-    assert isinstance(caught.value, InvalidTrainingConfig)
-    assert "\n" not in str(caught.value)
+    assert isinstance(caught.value, Invalid) and not isinstance(caught.value, ValueError)
+    assert caught.value.message.startswith(f"{field}: ") and caught.value.status == 400
+    assert "\n" not in caught.value.message
 
 
 def test_optimizer_message_lists_what_is_supported():
-    with pytest.raises(ValueError, match="'Lion' is not supported; use one of AdamW, AdamW8bit"):
+    with pytest.raises(InvalidTrainingConfig, match="'Lion' is not supported; use one of AdamW, AdamW8bit"):
         TrainingConfig.from_esd({"optimizer_type": "Lion"})
 
 
 def test_config_params_must_be_an_object():
-    with pytest.raises(ValueError, match="config_params must be an object"):
+    with pytest.raises(InvalidTrainingConfig, match="config_params must be an object"):
         TrainingConfig.from_esd(["learning_rate", 1])  # type: ignore[arg-type]
+
+
+def test_the_contract_needs_no_torch():
+    check = (
+        "import sys; from shared.contracts.kohya import TrainingConfig; "
+        "TrainingConfig.from_esd({'learning_rate': 0.001}); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", check], cwd=root, check=True, timeout=60)

@@ -1,4 +1,5 @@
-"""Writes diffusers weights in the original LDM key layout of a single-file checkpoint.
+"""The original LDM key layout of single-file checkpoints (and SDXL's SGM layout): the prefixes
+the loader reads, and diffusers weights written back under them.
 
 Users upload checkpoints in the layout of the original Stable Diffusion code (the one
 AUTOMATIC1111 reads): `model.diffusion_model.*`, `first_stage_model.*`,

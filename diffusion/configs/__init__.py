@@ -1,4 +1,4 @@
-"""Diffusers configs of the architectures the engine loads, shipped so that loading a user's
+"""Diffusers configs of the architectures the workers load, shipped so that loading a user's
 single-file checkpoint never asks the Hugging Face hub for them."""
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from shared.errors import Unavailable
+
 START = "<|startoftext|>"
 END = "<|endoftext|>"
 CLIP_CONTEXT_LENGTH = 77
@@ -25,8 +27,9 @@ _MERGES_PACKAGE = "clip"
 _MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
-class TokenizerUnavailable(RuntimeError):
-    """The CLIP merges file is not installed, so full-size checkpoints cannot be tokenized."""
+class TokenizerUnavailable(Unavailable):
+    """The CLIP merges file is not installed, so full-size checkpoints cannot be tokenized: a
+    problem of the worker's installation, not of the user's request."""
 
 
 def byte_symbols() -> list[str]:
@@ -108,7 +111,7 @@ def _full_clip_tokenizer(pad_token: str) -> CLIPTokenizer:
 
 
 def tokenizer_from_json(text: str, pad_token: str = END) -> CLIPTokenizer:
-    """A tiny model's tokenizer, as `tiny_tokenizer_json` stored it."""
+    """A tiny model's tokenizer, as `diffusion.testing` stores it in the file's metadata."""
     data = json.loads(text)
     return build_clip_tokenizer(
         [tuple(pair) for pair in data["merges"]],

@@ -6,9 +6,9 @@ LoRA, a VAE and an embedding made for it. The tiny architecture and its tokenize
 file's metadata, since the shipped full-size configs don't fit it. `make_sd15_checkpoint` writes
 the full-size architecture with random weights, for speed measurements.
 
-    python -m services.inference.worker.engine.tiny --out tiny.safetensors [--seed N]
-    python -m services.inference.worker.engine.tiny --out sd15.safetensors --full-size
-    python -m services.inference.worker.engine.tiny --out tiny-sdxl.safetensors --sdxl
+    python -m diffusion.testing --out tiny.safetensors [--seed N]
+    python -m diffusion.testing --out sd15.safetensors --full-size
+    python -m diffusion.testing --out tiny-sdxl.safetensors --sdxl
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from services.inference.worker.engine import ldm_layout
-from services.inference.worker.engine.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
-from services.inference.worker.engine.loading import TINY_METADATA_KEY, TINY_SDXL_METADATA_KEY, tiny_metadata
+from diffusion import layout
+from diffusion.checkpoints import TINY_METADATA_KEY, TINY_SDXL_METADATA_KEY, tiny_metadata
+from diffusion.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
 
 CONTEXT_LENGTH = 77
 
@@ -142,7 +142,7 @@ def make_tiny_checkpoint(out_path: str | Path, seed: int = 0) -> Path:
         "scheduler": read_config(SD15_CONFIGS / "scheduler" / "scheduler_config.json"),
         "tokenizer": {"merges": merges, "model_max_length": CONTEXT_LENGTH},
     }
-    checkpoint = ldm_layout.sd_checkpoint(
+    checkpoint = layout.sd_checkpoint(
         unet=unet.state_dict(),
         unet_config=unet.config,
         vae=vae.state_dict(),
@@ -214,7 +214,7 @@ def make_tiny_sdxl_checkpoint(out_path: str | Path, seed: int = 0) -> Path:
         "scheduler": read_config(SDXL_CONFIGS / "scheduler" / "scheduler_config.json"),
         "tokenizer": {"merges": merges, "model_max_length": CONTEXT_LENGTH},
     }
-    checkpoint = ldm_layout.sdxl_checkpoint(
+    checkpoint = layout.sdxl_checkpoint(
         unet=unet.state_dict(),
         unet_config=unet.config,
         vae=vae.state_dict(),
@@ -233,7 +233,7 @@ def make_sd15_checkpoint(out_path: str | Path, seed: int = 0, dtype: torch.dtype
         name: read_config(SD15_CONFIGS / name / "config.json") for name in ("unet", "vae", "text_encoder")
     }
     unet, vae, text_encoder = _random_models(configs, seed)
-    checkpoint = ldm_layout.sd_checkpoint(
+    checkpoint = layout.sd_checkpoint(
         unet=unet.state_dict(),
         unet_config=unet.config,
         vae=vae.state_dict(),
@@ -298,7 +298,7 @@ def make_tiny_vae(base_checkpoint: str | Path, out_path: str | Path, seed: int =
         raise ValueError(f"{base_checkpoint} is not a tiny checkpoint")
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(metadata["vae"])
-    tensors = ldm_layout.vae_to_ldm(vae.state_dict(), vae.config)
+    tensors = layout.vae_to_ldm(vae.state_dict(), vae.config)
     return _save({key: tensor.contiguous() for key, tensor in tensors.items()}, out_path, {})
 
 

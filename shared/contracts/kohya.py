@@ -1,11 +1,13 @@
-"""The training arguments a user may give, in kohya's names, and how ESD's `config_params` map
-onto them.
+"""The kohya training arguments a user may give in an ESD training's `config_params`, in
+kohya's names, and how ESD's forms of them map onto one `TrainingConfig`.
 
 ESD clients send kohya arguments either flat under `training` (`{"training": {"output_name":
 ..., "max_train_epochs": 2}}`) or grouped as kohya's GUI and its TOML config files export them
 (`saving_arguments`, `training_arguments`, `additional_network_arguments`, ...), sometimes with
 the GUI's own names (`epoch`, `optimizer`, `max_resolution`) and with `""` for "not set".
-`TrainingConfig.from_esd` reads all of these; arguments this trainer has no use for are ignored.
+`TrainingConfig.from_esd` reads all of these; arguments the trainer has no use for are ignored.
+Pure pydantic, so that the training service can refuse a bad config when the training is
+created, without torch, by the same rules the training worker trains by.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from shared.errors import Invalid
 
 Resolution = tuple[int, int]  # (width, height)
 
@@ -32,8 +36,9 @@ _ZERO_MEANS_UNSET = {"max_train_steps", "save_every_n_epochs", "unet_lr", "text_
 _OUTPUT_NAME = re.compile(r"^[\w][\w.\- ]{0,127}$")
 
 
-class InvalidTrainingConfig(ValueError):
-    """An argument has a value the trainer cannot use; the message names the argument."""
+class InvalidTrainingConfig(Invalid):
+    """An argument has a value the trainer cannot use; the message starts with the argument's
+    name (`learning_rate: Input should be greater than 0 (got -1)`)."""
 
 
 class TrainingConfig(BaseModel):

@@ -1,0 +1,9 @@
+"""The shared torch side's tests run on the tiny models, offline."""
+
+from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
+    checkpoint,
+    model_dir,
+    no_network,
+    sdxl_checkpoint,
+    vae,
+)
