@@ -54,7 +54,7 @@ async def through_platform(stack, data: bytes, parts: int, concurrency: int) -> 
             reply.raise_for_status()
             return {"ETag": reply.headers["etag"], "PartNumber": number}
 
-        tags = await gather_limited(concurrency, [put(n, url, chunk) for n, (url, chunk) in enumerate(zip(urls, split(data, parts)), start=1)])
+        tags = await gather_limited(concurrency, [put(n, url, chunk) for n, (url, chunk) in enumerate(zip(urls, split(data, parts), strict=True), start=1)])
         response = await api.put(f"/checkpoints/{created['checkpoint']['id']}", json={"status": "Active", "multi_parts_tags": {name: tags}})
         assert response.status_code == 200, response.text
         elapsed = time.perf_counter() - started

@@ -30,12 +30,7 @@ from diffusion.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
 CONTEXT_LENGTH = 77
 
 # Words that become single tokens in the tiny vocabulary, so that prompts in tests look real.
-_TINY_WORDS = (
-    "a an the of and with in on at by photo painting portrait picture of cat dog horse bird "
-    "astronaut riding red green blue yellow black white sky sea forest city mountain house "
-    "beautiful detailed high quality best worst low blurry ugly lowres man woman girl boy face "
-    "tree flower sunset night day light dark style art anime realistic masterpiece"
-).split()
+_TINY_WORDS = ["a", "an", "the", "of", "and", "with", "in", "on", "at", "by", "photo", "painting", "portrait", "picture", "of", "cat", "dog", "horse", "bird", "astronaut", "riding", "red", "green", "blue", "yellow", "black", "white", "sky", "sea", "forest", "city", "mountain", "house", "beautiful", "detailed", "high", "quality", "best", "worst", "low", "blurry", "ugly", "lowres", "man", "woman", "girl", "boy", "face", "tree", "flower", "sunset", "night", "day", "light", "dark", "style", "art", "anime", "realistic", "masterpiece"]
 
 
 def tiny_tokenizer_merges() -> list[tuple[str, str]]:

@@ -209,9 +209,9 @@ def _kohya_arguments(values: dict[str, Any]) -> dict[str, Any]:
     for name in _ZERO_MEANS_UNSET:
         if name in arguments and _is_zero(arguments[name]):
             del arguments[name]
-    if "train_text_encoder" not in arguments:
-        if "network_train_unet_only" in arguments:  # kohya trains the text encoder unless told not to
-            arguments["train_text_encoder"] = _negated(arguments["network_train_unet_only"])
+    if "train_text_encoder" not in arguments and "network_train_unet_only" in arguments:
+        # kohya trains the text encoder unless told not to
+        arguments["train_text_encoder"] = _negated(arguments["network_train_unet_only"])
     if _is_negative(arguments.get("seed")):
         del arguments["seed"]  # A1111's and some clients' "random"
     if _truthy(arguments.get("sdxl")) and "fm_type" not in arguments:

@@ -7,9 +7,11 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 from shared.contracts.checkpoint import FileName, safe_file_name
 from shared.contracts.identity import Body, Principal
+from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
 from shared.contracts.workers import GoAhead
 from shared.messaging import Event
 from shared.rpc import command
@@ -89,6 +91,15 @@ class TrainingParams(Body):
 class TrainingJobParams(Body):
     training_params: TrainingParams
     config_params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _config_trains(self) -> TrainingJobParams:
+        # the worker trains by these same rules: a bad argument is a 400 now, not a failed job later
+        try:
+            TrainingConfig.from_esd(self.config_params, fm_type=self.training_params.fm_type)
+        except InvalidTrainingConfig as error:
+            raise PydanticCustomError("config_params", "config_params.{problem}", {"problem": error.message}) from None
+        return self
 
 
 class CreateTrainingBody(Body):

@@ -254,7 +254,10 @@ def test_an_async_pool_at_zero_starts_a_worker_when_work_arrives(api, tiny_model
     name = create_endpoint(api, autoscaling_enabled=True, min_instance_number=0, max_instance_number=1)
     try:
         wait_endpoint(api, name)
-        listed = lambda: next(e for e in api("GET", "/endpoints").json()["data"]["endpoints"] if e["endpoint_name"] == name)
+
+        def listed():
+            return next(e for e in api("GET", "/endpoints").json()["data"]["endpoints"] if e["endpoint_name"] == name)
+
         wait_for(lambda: listed()["current_instance_count"] == "0" and not worker_pids(name), timeout=60, what="the pool to scale to zero")
         job = run_async(api, name, {"Stable-diffusion": [tiny_models["model"]]}, payload())
         assert job["status"] == "succeed", job.get("error")

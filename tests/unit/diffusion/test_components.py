@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffusion import testing
-from diffusion.checkpoints import recognise, read_state_dict
+from diffusion.checkpoints import read_state_dict, recognise
 from diffusion.components import load_components, load_vae
 from services.inference.worker.engine.pipelines import load_checkpoint
 

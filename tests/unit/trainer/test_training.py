@@ -13,8 +13,8 @@ from PIL import Image, ImageChops
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from services.inference.worker.engine import Engine, GenerationRequest, ModelFiles
 from diffusion.checkpoints import UnsupportedCheckpoint
+from services.inference.worker.engine import Engine, GenerationRequest, ModelFiles
 from services.training.worker.trainer import (
     InvalidDataset,
     InvalidTrainingConfig,
