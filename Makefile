@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install up down status test
+.PHONY: install up down status test lint format
 
 install: $(STAMP)
 
@@ -28,3 +28,11 @@ status:
 test: install
 	scripts/ensure_rabbitmq.sh
 	$(PYTHON) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

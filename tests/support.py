@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 
 class FileServer:
@@ -63,3 +68,15 @@ async def wait_for_async(predicate, *, timeout: float = 60.0, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def consumer_prefetch(queue: str) -> list[int]:
+    """The prefetch count of each consumer of `queue`, as the broker reports it (rabbitmqctl on
+    this host; the test is skipped where there is none)."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not on this host")
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_consumers", "-q", "queue_name", "prefetch_count", "--formatter", "json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    return [consumer["prefetch_count"] for consumer in json.loads(listed) if consumer["queue_name"] == queue]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, model_validator
 
 from shared.contracts.checkpoint import CheckpointType
 from shared.contracts.identity import Body, Principal
@@ -50,7 +50,19 @@ def _int_from_string(value: Any) -> Any:
     return value
 
 
-Count = Annotated[int, BeforeValidator(_int_from_string)]
+def _count(minimum: int, maximum: int) -> Any:
+    """An instance count from `minimum` to `maximum` (at most 100), as an integer or, as ESD
+    clients send it, a string of digits; documented as either."""
+    digits = {0: "100|[1-9]?[0-9]", 1: "100|[1-9][0-9]?"}[minimum] if maximum == 100 else "[0-9]+"
+    return Annotated[
+        int,
+        BeforeValidator(_int_from_string),
+        Field(ge=minimum, le=maximum),
+        WithJsonSchema({"anyOf": [
+            {"type": "integer", "minimum": minimum, "maximum": maximum},
+            {"type": "string", "pattern": f"^({digits})$"},
+        ]}),
+    ]
 RoleName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
@@ -61,11 +73,11 @@ class CreateEndpointBody(Body):
     endpoint_name: Annotated[str, StringConstraints(max_length=20, pattern=r"^[A-Za-z0-9-]*$")] | None = None
     endpoint_type: EndpointType
     instance_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    initial_instance_count: Annotated[Count, Field(ge=1, le=100)]
+    initial_instance_count: _count(1, 100)
     autoscaling_enabled: bool = False
     assign_to_roles: Annotated[list[RoleName], Field(min_length=1, max_length=10)]
-    min_instance_number: Annotated[Count, Field(ge=0, le=100)] | None = None
-    max_instance_number: Annotated[Count, Field(ge=1, le=100)] | None = None
+    min_instance_number: _count(0, 100) | None = None
+    max_instance_number: _count(1, 100) | None = None
 
     @model_validator(mode="after")
     def _limits(self) -> CreateEndpointBody:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from deploy.local.events import EventListener
-from tests.support import wait_for
+from tests.support import consumer_prefetch, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -94,6 +94,12 @@ def run_async(api, endpoint: str, models: dict, body: dict, task: str = "txt2img
 
 def images_of(job: dict) -> list[Image.Image]:
     return [Image.open(io.BytesIO(httpx.get(url).content)) for url in job["img_presigned_urls"]]
+
+
+def test_every_worker_takes_one_job_at_a_time(stack, async_endpoint):
+    prefix = stack.env["ESD_BROKER_PREFIX"]
+    assert consumer_prefetch(f"{prefix}inference.{async_endpoint}") == [1]
+    assert consumer_prefetch(f"{prefix}training.jobs") == [1]  # the stack's training worker
 
 
 def test_async_txt2img_reports_batch_size_images_of_the_requested_size(api, async_endpoint, tiny_models):

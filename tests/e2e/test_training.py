@@ -118,17 +118,29 @@ def safe_open_bytes(data: bytes):
             return list(tensors.keys())
 
 
-def test_a_training_that_breaks_while_running_ends_failed_with_the_reason(api, base_model):
-    dataset = unique("bad")
+def test_a_bad_config_is_refused_when_the_training_is_created(api, base_model):
+    dataset = unique("badconfig")
     make_dataset(api, dataset, count=1)
     response = api("POST", "/trainings", json={"params": {
         "training_params": {"model": base_model, "dataset": dataset},
         "config_params": {"training": {"max_train_epochs": "forever"}},
     }})
+    assert response.status_code == 400
+    assert "config_params.max_train_epochs" in response.json()["message"]
+
+
+def test_a_training_that_breaks_while_running_ends_failed_with_the_reason(api, base_model):
+    dataset = unique("bad")
+    make_dataset(api, dataset, count=1)
+    # the base model is SD 1.x: only loading it tells that it is not the SDXL the job says
+    response = api("POST", "/trainings", json={"params": {
+        "training_params": {"model": base_model, "dataset": dataset, "fm_type": "sd_xl"},
+        "config_params": {"training": {"resolution": 64}},
+    }})
     training_id = response.json()["data"]["id"]
     training = wait_for(lambda: (t := api("GET", f"/trainings/{training_id}").json()["data"])["job_status"] in ("Completed", "Failed") and t, timeout=120)
     assert training["job_status"] == "Failed"
-    assert "max_train_epochs" in training["error"]
+    assert "fm_type" in training["error"]
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,6 @@
 as the broker reports it), go-ahead / run / report, and the queue's dead letters."""
 
 import asyncio
-import json
-import shutil
-import subprocess
 import time
 import uuid
 
@@ -15,6 +12,7 @@ from shared.contracts.workers import GoAhead
 from shared.messaging import Names, create_broker, send_work
 from shared.rpc import RpcServer, command
 from shared.worker import WorkerRuntime
+from tests.support import consumer_prefetch
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -28,15 +26,6 @@ class ReportChoreStarted(BaseModel):
 
 
 CHORE_STARTED = command("chores", ReportChoreStarted, GoAhead)
-
-
-def consumer_prefetch(queue: str) -> list[int]:
-    """What the broker says of the consumers of `queue`: their prefetch counts."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "list_consumers", "-q", "queue_name", "prefetch_count", "--formatter", "json"],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    return [consumer["prefetch_count"] for consumer in json.loads(listed) if consumer["queue_name"] == queue]
 
 
 @pytest.fixture
@@ -88,8 +77,7 @@ async def test_a_worker_runs_its_jobs_one_after_another_with_prefetch_one(chores
         for number in range(1, 6):
             await send_work(broker, names, queue, Chore(number=number))
         await asyncio.sleep(0.1)
-        if shutil.which("rabbitmqctl"):
-            assert consumer_prefetch(f"{names.prefix}{queue}") == [1]
+        assert consumer_prefetch(f"{names.prefix}{queue}") == [1]
         for _ in range(100):
             if len(outcomes) == 4:
                 break
