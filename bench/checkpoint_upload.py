@@ -43,9 +43,15 @@ def split(data: bytes, parts: int) -> list[bytes]:
 async def through_platform(stack, data: bytes, parts: int, concurrency: int) -> float:
     headers = {"x-api-key": stack.api_key, "username": stack.admin_username}
     name = f"bench-{uuid.uuid4().hex[:8]}.safetensors"
-    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=headers, timeout=300) as api, httpx.AsyncClient(timeout=300) as storage:
+    async with (
+        httpx.AsyncClient(base_url=stack.gateway_url, headers=headers, timeout=300) as api,
+        httpx.AsyncClient(timeout=300) as storage,
+    ):
         started = time.perf_counter()
-        response = await api.post("/checkpoints", json={"checkpoint_type": "Stable-diffusion", "filenames": [{"filename": name, "parts_number": parts}]})
+        response = await api.post(
+            "/checkpoints",
+            json={"checkpoint_type": "Stable-diffusion", "filenames": [{"filename": name, "parts_number": parts}]},
+        )
         created = response.json()["data"]
         urls = created["s3PresignUrl"][name]
 
@@ -54,8 +60,13 @@ async def through_platform(stack, data: bytes, parts: int, concurrency: int) -> 
             reply.raise_for_status()
             return {"ETag": reply.headers["etag"], "PartNumber": number}
 
-        tags = await gather_limited(concurrency, [put(n, url, chunk) for n, (url, chunk) in enumerate(zip(urls, split(data, parts), strict=True), start=1)])
-        response = await api.put(f"/checkpoints/{created['checkpoint']['id']}", json={"status": "Active", "multi_parts_tags": {name: tags}})
+        tags = await gather_limited(
+            concurrency,
+            [put(n, url, chunk) for n, (url, chunk) in enumerate(zip(urls, split(data, parts), strict=True), start=1)],
+        )
+        response = await api.put(
+            f"/checkpoints/{created['checkpoint']['id']}", json={"status": "Active", "multi_parts_tags": {name: tags}}
+        )
         assert response.status_code == 200, response.text
         elapsed = time.perf_counter() - started
         await api.request("DELETE", "/checkpoints", json={"checkpoint_id_list": [created["checkpoint"]["id"]]})
@@ -65,8 +76,11 @@ async def through_platform(stack, data: bytes, parts: int, concurrency: int) -> 
 async def direct(stack, data: bytes, parts: int, concurrency: int) -> float:
     session = aioboto3.Session()
     async with session.client(
-        "s3", endpoint_url=stack.s3_endpoint_url, aws_access_key_id=stack.s3_access_key,
-        aws_secret_access_key=stack.s3_secret_key, region_name="us-east-1",
+        "s3",
+        endpoint_url=stack.s3_endpoint_url,
+        aws_access_key_id=stack.s3_access_key,
+        aws_secret_access_key=stack.s3_secret_key,
+        region_name="us-east-1",
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     ) as s3:
         key = f"bench/{uuid.uuid4().hex}.safetensors"
@@ -110,8 +124,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="esd-bench-") as var:
         stack = LocalStack(
-            Path(var), gateway_port=free_port(), mongo_port=free_port(), s3_port=free_port(),
-            env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"}, quiet=True,
+            Path(var),
+            gateway_port=free_port(),
+            mongo_port=free_port(),
+            s3_port=free_port(),
+            env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"},
+            quiet=True,
         )
         stack.up()
         try:

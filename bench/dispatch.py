@@ -40,7 +40,14 @@ def direct_images(model: str, size: int, steps: int, count: int, ready=None, go=
     pipe = load_checkpoint(Path(model), device=torch.device("cpu"), dtype=torch.float32).pipeline
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the jobs' sampler
     pipe.set_progress_bar_config(disable=True)
-    arguments = dict(prompt="a lighthouse", negative_prompt="", num_inference_steps=steps, guidance_scale=7.0, width=size, height=size)
+    arguments = dict(
+        prompt="a lighthouse",
+        negative_prompt="",
+        num_inference_steps=steps,
+        guidance_scale=7.0,
+        width=size,
+        height=size,
+    )
     with torch.inference_mode():
         pipe(**arguments, generator=torch.Generator().manual_seed(0))  # warm up
         if ready is not None:
@@ -63,7 +70,10 @@ def direct_parallel(model: str, size: int, steps: int, per_process: int, process
     context = multiprocessing.get_context("spawn")
     readies = [context.Event() for _ in range(processes)]
     go, results = context.Event(), context.Queue()
-    workers = [context.Process(target=_parallel_worker, args=(model, size, steps, per_process, ready, go, results)) for ready in readies]
+    workers = [
+        context.Process(target=_parallel_worker, args=(model, size, steps, per_process, ready, go, results))
+        for ready in readies
+    ]
     for worker in workers:
         worker.start()
     for ready in readies:
@@ -83,17 +93,28 @@ class Platform:
     polling (polling a 2-core machine steals the CPU the workers need)."""
 
     def __init__(self, stack, model_name: str, events) -> None:
-        self.http = httpx.Client(base_url=stack.gateway_url, headers={"x-api-key": stack.api_key, "username": stack.admin_username}, timeout=120)
+        self.http = httpx.Client(
+            base_url=stack.gateway_url,
+            headers={"x-api-key": stack.api_key, "username": stack.admin_username},
+            timeout=120,
+        )
         self.model_name = model_name
         self.events = events
         self.started_at: dict[str, float] = {}
         self.dispatch: list[float] = []
 
     def endpoint(self, name: str, workers: int) -> str:
-        response = self.http.post("/endpoints", json={
-            "endpoint_name": name, "endpoint_type": "Async", "instance_type": "local",
-            "initial_instance_count": workers, "autoscaling_enabled": False, "assign_to_roles": ["IT Operator"],
-        })
+        response = self.http.post(
+            "/endpoints",
+            json={
+                "endpoint_name": name,
+                "endpoint_type": "Async",
+                "instance_type": "local",
+                "initial_instance_count": workers,
+                "autoscaling_enabled": False,
+                "assign_to_roles": ["IT Operator"],
+            },
+        )
         full = response.json()["data"]["endpoint_name"]
         while True:
             listed = {e["endpoint_name"]: e for e in self.http.get("/endpoints").json()["data"]["endpoints"]}
@@ -102,10 +123,15 @@ class Platform:
             time.sleep(0.2)
 
     def create(self, endpoint: str, payload: dict) -> str:
-        inference = self.http.post("/inferences", json={
-            "task_type": "txt2img", "inference_type": "Async", "sagemaker_endpoint_name": endpoint,
-            "models": {"Stable-diffusion": [self.model_name]},
-        }).json()["data"]["inference"]
+        inference = self.http.post(
+            "/inferences",
+            json={
+                "task_type": "txt2img",
+                "inference_type": "Async",
+                "sagemaker_endpoint_name": endpoint,
+                "models": {"Stable-diffusion": [self.model_name]},
+            },
+        ).json()["data"]["inference"]
         httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(payload).encode()).raise_for_status()
         return inference["id"]
 
@@ -123,7 +149,6 @@ class Platform:
 
         self.events.until(observe)
         assert self.http.get(f"/inferences/{inference_id}").json()["data"]["status"] == "succeed", inference_id
-
 
     def one_job(self, endpoint: str, payload: dict) -> float:
         started = time.perf_counter()
@@ -145,16 +170,29 @@ def main() -> None:
     from deploy.local.stack import LocalStack, free_port
     from diffusion.testing import make_tiny_checkpoint
 
-    payload = {"prompt": "a lighthouse", "steps": args.steps, "sampler_name": "Euler", "cfg_scale": 7,
-               "width": args.size, "height": args.size, "seed": 1}
+    payload = {
+        "prompt": "a lighthouse",
+        "steps": args.steps,
+        "sampler_name": "Euler",
+        "cfg_scale": 7,
+        "width": args.size,
+        "height": args.size,
+        "seed": 1,
+    }
     with tempfile.TemporaryDirectory(prefix="esd-bench-") as var:
         model = make_tiny_checkpoint(Path(var) / "tiny.safetensors", seed=0)
         print(f"tiny model, {args.size}x{args.size}, {args.steps} steps (Euler), CPU")
         direct = direct_images(str(model), args.size, args.steps, args.sequential)
         parallel_wall = direct_parallel(str(model), args.size, args.steps, args.jobs // 2)
 
-        stack = LocalStack(Path(var) / "stack", gateway_port=free_port(), mongo_port=free_port(), s3_port=free_port(),
-                           env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"}, quiet=True)
+        stack = LocalStack(
+            Path(var) / "stack",
+            gateway_port=free_port(),
+            mongo_port=free_port(),
+            s3_port=free_port(),
+            env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"},
+            quiet=True,
+        )
         stack.up()
         events = EventListener(stack.amqp_url, f"{stack.env['ESD_BROKER_PREFIX']}esd.events", "inference.*")
         try:
@@ -176,7 +214,11 @@ def main() -> None:
                 platform.start(inference_id)
             pending = set(ids)
             platform.dispatch.clear()
-            events.until(lambda key, body: key == "inference.succeeded" and pending.discard(body["inference_id"]) is None and not pending)
+            events.until(
+                lambda key, body: (
+                    key == "inference.succeeded" and pending.discard(body["inference_id"]) is None and not pending
+                )
+            )
             pool_wall = time.perf_counter() - started
         finally:
             events.__exit__(None, None, None)
@@ -191,12 +233,16 @@ def main() -> None:
     print(f"\n{args.jobs} queued jobs, 2 workers")
     print(f"  2 processes calling the pipeline directly, {args.jobs // 2} images each   {parallel_wall:6.2f} s")
     print(f"  {args.jobs} jobs through the API on a pool of 2                   {pool_wall:6.2f} s")
-    print(f"  API / direct {pool_wall / parallel_wall:.2f}x   overhead {1000 * (pool_wall - parallel_wall) / args.jobs:.0f} ms per job")
+    print(
+        f"  API / direct {pool_wall / parallel_wall:.2f}x   overhead {1000 * (pool_wall - parallel_wall) / args.jobs:.0f} ms per job"
+    )
     # With fewer cores than torch threads the two direct processes above oversubscribe the CPU;
     # one process doing every image back to back is then the true limit of the machine.
     serial = d * args.jobs
     print(f"  1 process calling the pipeline {args.jobs} times (machine limit)   {serial:6.2f} s")
-    print(f"  API / machine limit {pool_wall / serial:.2f}x   overhead {1000 * (pool_wall - serial) / args.jobs:.0f} ms per job")
+    print(
+        f"  API / machine limit {pool_wall / serial:.2f}x   overhead {1000 * (pool_wall - serial) / args.jobs:.0f} ms per job"
+    )
 
 
 if __name__ == "__main__":

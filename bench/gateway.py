@@ -47,8 +47,12 @@ def ensure_wrk() -> str:
     if found:
         return found
     print("installing wrk (Debian's package)...", flush=True)
-    subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "wrk"],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        stdout=subprocess.DEVNULL,
+    )
     return shutil.which("wrk") or "wrk"
 
 
@@ -97,8 +101,15 @@ def serve_gateway() -> None:
         roles = await store.find_roles()
         return respond(200, UserList(users=[domain.user_view(user, roles) for user in users]))
 
-    uvicorn.run(app, host="127.0.0.1", port=settings.gateway_port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=settings.gateway_port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
 
 
 def main() -> None:
@@ -116,15 +127,22 @@ def main() -> None:
     wrk = ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="esd-bench-") as var:
         stack = LocalStack(
-            Path(var), gateway_port=free_port(), mongo_port=free_port(), s3_port=free_port(),
+            Path(var),
+            gateway_port=free_port(),
+            mongo_port=free_port(),
+            s3_port=free_port(),
             env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"},
-            include_gateway=False, quiet=True,
+            include_gateway=False,
+            quiet=True,
         )
         stack.up()
         with open(Path(var) / "bench-gateway.log", "wb") as gateway_log:
             gateway = subprocess.Popen(
-                [sys.executable, __file__, "--serve-gateway"], cwd=REPO, env=stack.env,
-                stdout=subprocess.DEVNULL, stderr=gateway_log,
+                [sys.executable, __file__, "--serve-gateway"],
+                cwd=REPO,
+                env=stack.env,
+                stdout=subprocess.DEVNULL,
+                stderr=gateway_log,
             )
             try:
                 run(wrk, stack, args.seconds, args.users)
@@ -148,9 +166,17 @@ def run(wrk: str, stack, seconds: int, users: int) -> None:
             raise SystemExit("the bench's gateway did not come up")
         time.sleep(0.2)
     for n in range(users):
-        httpx.post(f"{url}/users", headers=headers, json={"username": f"bench{n}", "password": "x", "roles": ["byoc"]},
-                   timeout=10).raise_for_status()
-    cases = (("GET /ping", "/ping"), ("GET /users (routed)", "/users"), ("GET /bench/users (in-process)", "/bench/users"))
+        httpx.post(
+            f"{url}/users",
+            headers=headers,
+            json={"username": f"bench{n}", "password": "x", "roles": ["byoc"]},
+            timeout=10,
+        ).raise_for_status()
+    cases = (
+        ("GET /ping", "/ping"),
+        ("GET /users (routed)", "/users"),
+        ("GET /bench/users (in-process)", "/bench/users"),
+    )
     for _, path in cases:  # warm up: connections, the principal cache, the services' pools
         drive(wrk, url + path, headers, connections=8, seconds=1)
     print(f"whole stack local, {users + 1} users, wrk {seconds} s per case, {os.cpu_count()} cores\n")

@@ -52,20 +52,40 @@ def direct(model: Path, data: Path, steps: int, resolution: int) -> float:
 
 
 def through_platform(stack, model_name: str, data: Path, steps: int, resolution: int) -> tuple[float, dict]:
-    http = httpx.Client(base_url=stack.gateway_url, headers={"x-api-key": stack.api_key, "username": stack.admin_username}, timeout=120)
+    http = httpx.Client(
+        base_url=stack.gateway_url, headers={"x-api-key": stack.api_key, "username": stack.admin_username}, timeout=120
+    )
     name = f"bench-{uuid.uuid4().hex[:6]}"
     files = sorted(p for p in data.rglob("*") if p.is_file())
-    created = http.post("/datasets", json={"dataset_name": name, "prefix": "4_cube", "content": [{"filename": p.name} for p in files]}).json()["data"]
+    created = http.post(
+        "/datasets", json={"dataset_name": name, "prefix": "4_cube", "content": [{"filename": p.name} for p in files]}
+    ).json()["data"]
     for path in files:
         httpx.put(created["s3PresignUrl"][path.name], content=path.read_bytes()).raise_for_status()
     assert http.put(f"/datasets/{name}", json={"status": "Enabled"}).status_code == 200
     with EventListener(stack.amqp_url, f"{stack.env['ESD_BROKER_PREFIX']}esd.events", "training.*") as events:
         started = time.perf_counter()
-        training_id = http.post("/trainings", json={"params": {
-            "training_params": {"model": model_name, "dataset": name},
-            "config_params": {"training": {"max_train_steps": steps, "resolution": resolution, "seed": 1, "network_dim": 8, "output_name": name}},
-        }}).json()["data"]["id"]
-        events.until(lambda key, body: key in ("training.completed", "training.failed") and body["training_id"] == training_id, timeout=1800)
+        training_id = http.post(
+            "/trainings",
+            json={
+                "params": {
+                    "training_params": {"model": model_name, "dataset": name},
+                    "config_params": {
+                        "training": {
+                            "max_train_steps": steps,
+                            "resolution": resolution,
+                            "seed": 1,
+                            "network_dim": 8,
+                            "output_name": name,
+                        }
+                    },
+                }
+            },
+        ).json()["data"]["id"]
+        events.until(
+            lambda key, body: key in ("training.completed", "training.failed") and body["training_id"] == training_id,
+            timeout=1800,
+        )
         wall = time.perf_counter() - started
     training = http.get(f"/trainings/{training_id}").json()["data"]
     assert training["job_status"] == "Completed", training.get("error")
@@ -88,8 +108,14 @@ def main() -> None:
         images(data, 4, args.resolution)
         step = direct(model, data, args.steps, args.resolution)
 
-        stack = LocalStack(Path(var) / "stack", gateway_port=free_port(), mongo_port=free_port(), s3_port=free_port(),
-                           env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"}, quiet=True)
+        stack = LocalStack(
+            Path(var) / "stack",
+            gateway_port=free_port(),
+            mongo_port=free_port(),
+            s3_port=free_port(),
+            env={"ESD_BROKER_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.", "ESD_LOG_LEVEL": "WARNING"},
+            quiet=True,
+        )
         stack.up()
         try:
             _ensure_model(Client(stack.gateway_url, stack.api_key, stack.admin_username), Path(var), lambda _: None)
@@ -101,8 +127,12 @@ def main() -> None:
     end_to_end = wall / info["steps"]
     print(f"tiny model, {args.resolution}x{args.resolution}, batch 1, {args.steps} steps, CPU")
     print(f"  direct Trainer.step() (median)                {step * 1000:7.2f} ms per step")
-    print(f"  platform, inside the worker (train_lora)      {in_worker * 1000:7.2f} ms per step   {in_worker / step:5.2f}x")
-    print(f"  platform, end to end (POST -> completed)      {end_to_end * 1000:7.2f} ms per step   {end_to_end / step:5.2f}x")
+    print(
+        f"  platform, inside the worker (train_lora)      {in_worker * 1000:7.2f} ms per step   {in_worker / step:5.2f}x"
+    )
+    print(
+        f"  platform, end to end (POST -> completed)      {end_to_end * 1000:7.2f} ms per step   {end_to_end / step:5.2f}x"
+    )
     print(f"  fixed cost of a training through the platform {wall - step * info['steps']:7.2f} s")
 
 

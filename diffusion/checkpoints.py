@@ -112,9 +112,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except SafetensorError as error:
-            raise UnsupportedCheckpoint(
-                f"{path.name} could not be read as a safetensors file: {error}"
-            ) from error
+            raise UnsupportedCheckpoint(f"{path.name} could not be read as a safetensors file: {error}") from error
     try:
         # mmap spares a copy but needs the zip format of torch >= 1.6; older files are read whole
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -143,19 +141,13 @@ def recognise(path: Path, state: Mapping[str, torch.Tensor]) -> Architecture:
     if any(key.startswith("conditioner.embedders.") for key in state):
         return _recognise_sdxl(path, state)
     if any(key.startswith("cond_stage_model.model.") for key in state):
-        raise UnsupportedCheckpoint(
-            f"{path.name} is a Stable Diffusion 2.x checkpoint; only 1.x is supported so far"
-        )
+        raise UnsupportedCheckpoint(f"{path.name} is a Stable Diffusion 2.x checkpoint; only 1.x is supported so far")
     tokens = state.get(_CLIP_TOKENS)
     unet_in = state.get(layout.UNET_PREFIX + "input_blocks.0.0.weight")
     if tokens is None or unet_in is None:
-        raise UnsupportedCheckpoint(
-            f"{path.name} is not a Stable Diffusion checkpoint (no UNet or CLIP weights)"
-        )
+        raise UnsupportedCheckpoint(f"{path.name} is not a Stable Diffusion checkpoint (no UNet or CLIP weights)")
     if tuple(tokens.shape) != (49408, 768):
-        raise UnsupportedCheckpoint(
-            f"{path.name} has a text encoder of shape {tuple(tokens.shape)}, not SD 1.x's"
-        )
+        raise UnsupportedCheckpoint(f"{path.name} has a text encoder of shape {tuple(tokens.shape)}, not SD 1.x's")
     if unet_in.shape[1] != 4:
         raise UnsupportedCheckpoint(
             f"{path.name} is an inpainting or other {unet_in.shape[1]}-channel model; not supported"
@@ -175,8 +167,7 @@ def _recognise_sdxl(path: Path, state: Mapping[str, torch.Tensor]) -> Architectu
         )
     if tuple(tokens.shape) != (49408, 768) or tuple(tokens_2.shape) != (49408, 1280):
         raise UnsupportedCheckpoint(
-            f"{path.name} has text encoders of shapes {tuple(tokens.shape)} and {tuple(tokens_2.shape)}, "
-            "not SDXL's"
+            f"{path.name} has text encoders of shapes {tuple(tokens.shape)} and {tuple(tokens_2.shape)}, not SDXL's"
         )
     if unet_in.shape[1] != 4:
         raise UnsupportedCheckpoint(

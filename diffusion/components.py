@@ -85,9 +85,7 @@ def load_components(path: Path, *, device: torch.device, dtype: torch.dtype) -> 
     return components
 
 
-def load_vae(
-    path: Path, *, architecture: Architecture, device: torch.device, dtype: torch.dtype
-) -> AutoencoderKL:
+def load_vae(path: Path, *, architecture: Architecture, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
     """A standalone VAE file (`encoder.*`/`decoder.*`, or inside a whole checkpoint) for a model
     of `architecture`."""
     path = Path(path)

@@ -61,9 +61,7 @@ def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict
     each level has one more pair and its upsampler shares the last pair's block.
     """
     per_level = config["layers_per_block"] + 1
-    levels_with_attention = {
-        index for index, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind
-    }
+    levels_with_attention = {index for index, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         out[_unet_key(key, per_level, levels_with_attention)] = tensor
@@ -77,11 +75,7 @@ def _unet_key(key: str, per_level: int, up_levels_with_attention: set[int]) -> s
     if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
         level, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
         block = 1 + level * per_level + layer
-        return (
-            f"input_blocks.{block}.0.{_resnet_part(rest)}"
-            if kind == "resnets"
-            else f"input_blocks.{block}.1.{rest}"
-        )
+        return f"input_blocks.{block}.0.{_resnet_part(rest)}" if kind == "resnets" else f"input_blocks.{block}.1.{rest}"
     if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
         block = 1 + int(match[1]) * per_level + per_level - 1
         return f"input_blocks.{block}.0.op.{match[2]}"
@@ -93,9 +87,7 @@ def _unet_key(key: str, per_level: int, up_levels_with_attention: set[int]) -> s
         level, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
         block = level * per_level + layer
         return (
-            f"output_blocks.{block}.0.{_resnet_part(rest)}"
-            if kind == "resnets"
-            else f"output_blocks.{block}.1.{rest}"
+            f"output_blocks.{block}.0.{_resnet_part(rest)}" if kind == "resnets" else f"output_blocks.{block}.1.{rest}"
         )
     if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         level = int(match[1])
@@ -217,8 +209,12 @@ def sdxl_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """The four models as one SDXL single-file state dict (the SGM layout)."""
     checkpoint = sd_checkpoint(
-        unet=unet, unet_config=unet_config, vae=vae, vae_config=vae_config,
-        text_encoder=text_encoder, context_length=context_length,
+        unet=unet,
+        unet_config=unet_config,
+        vae=vae,
+        vae_config=vae_config,
+        text_encoder=text_encoder,
+        context_length=context_length,
         text_encoder_prefix=SDXL_TEXT_ENCODER_PREFIX,
     )
     for key, tensor in open_clip_to_ldm(text_encoder_2).items():

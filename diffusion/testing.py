@@ -30,7 +30,68 @@ from diffusion.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
 CONTEXT_LENGTH = 77
 
 # Words that become single tokens in the tiny vocabulary, so that prompts in tests look real.
-_TINY_WORDS = ["a", "an", "the", "of", "and", "with", "in", "on", "at", "by", "photo", "painting", "portrait", "picture", "of", "cat", "dog", "horse", "bird", "astronaut", "riding", "red", "green", "blue", "yellow", "black", "white", "sky", "sea", "forest", "city", "mountain", "house", "beautiful", "detailed", "high", "quality", "best", "worst", "low", "blurry", "ugly", "lowres", "man", "woman", "girl", "boy", "face", "tree", "flower", "sunset", "night", "day", "light", "dark", "style", "art", "anime", "realistic", "masterpiece"]
+_TINY_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "in",
+    "on",
+    "at",
+    "by",
+    "photo",
+    "painting",
+    "portrait",
+    "picture",
+    "of",
+    "cat",
+    "dog",
+    "horse",
+    "bird",
+    "astronaut",
+    "riding",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "sky",
+    "sea",
+    "forest",
+    "city",
+    "mountain",
+    "house",
+    "beautiful",
+    "detailed",
+    "high",
+    "quality",
+    "best",
+    "worst",
+    "low",
+    "blurry",
+    "ugly",
+    "lowres",
+    "man",
+    "woman",
+    "girl",
+    "boy",
+    "face",
+    "tree",
+    "flower",
+    "sunset",
+    "night",
+    "day",
+    "light",
+    "dark",
+    "style",
+    "art",
+    "anime",
+    "realistic",
+    "masterpiece",
+]
 
 
 def tiny_tokenizer_merges() -> list[tuple[str, str]]:
@@ -224,9 +285,7 @@ def make_tiny_sdxl_checkpoint(out_path: str | Path, seed: int = 0) -> Path:
 def make_sd15_checkpoint(out_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """Write a full-size Stable Diffusion 1.5 checkpoint (about 2 GB in fp16) with random
     weights, for load and speed measurements; it needs no metadata, like a user's file."""
-    configs = {
-        name: read_config(SD15_CONFIGS / name / "config.json") for name in ("unet", "vae", "text_encoder")
-    }
+    configs = {name: read_config(SD15_CONFIGS / name / "config.json") for name in ("unet", "vae", "text_encoder")}
     unet, vae, text_encoder = _random_models(configs, seed)
     checkpoint = layout.sd_checkpoint(
         unet=unet.state_dict(),
@@ -236,9 +295,7 @@ def make_sd15_checkpoint(out_path: str | Path, seed: int = 0, dtype: torch.dtype
         text_encoder=text_encoder.state_dict(),
         context_length=CONTEXT_LENGTH,
     )
-    checkpoint = {
-        key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in checkpoint.items()
-    }
+    checkpoint = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in checkpoint.items()}
     return _save(checkpoint, out_path, {})
 
 
@@ -297,9 +354,7 @@ def make_tiny_vae(base_checkpoint: str | Path, out_path: str | Path, seed: int =
     return _save({key: tensor.contiguous() for key, tensor in tensors.items()}, out_path, {})
 
 
-def make_tiny_embedding(
-    base_checkpoint: str | Path, out_path: str | Path, seed: int = 0, vectors: int = 2
-) -> Path:
+def make_tiny_embedding(base_checkpoint: str | Path, out_path: str | Path, seed: int = 0, vectors: int = 2) -> Path:
     """A textual-inversion embedding for the tiny model in AUTOMATIC1111's safetensors layout
     (`emb_params`: one row per vector)."""
     metadata = tiny_metadata(base_checkpoint)
@@ -318,9 +373,7 @@ def _save(tensors: dict[str, torch.Tensor], out_path: str | Path, metadata: dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-size", action="store_true", help="SD 1.5's real size (fp16, ~2 GB)")

@@ -46,9 +46,7 @@ def byte_symbols() -> list[str]:
         if byte not in symbols:
             symbols[byte] = chr(256 + shifted)
             shifted += 1
-    return [symbols[byte] for byte in printable] + [
-        symbols[byte] for byte in range(256) if byte not in printable
-    ]
+    return [symbols[byte] for byte in printable] + [symbols[byte] for byte in range(256) if byte not in printable]
 
 
 def vocabulary_from_merges(merges: list[tuple[str, str]]) -> dict[str, int]:

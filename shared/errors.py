@@ -51,8 +51,7 @@ class Internal(EsdError):
 
 
 _BY_KIND: dict[str, type[EsdError]] = {
-    cls.__name__: cls
-    for cls in (Invalid, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unavailable, Internal)
+    cls.__name__: cls for cls in (Invalid, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unavailable, Internal)
 }
 
 

@@ -41,15 +41,11 @@ class Names:
 
     @property
     def events(self) -> RabbitExchange:
-        return RabbitExchange(
-            f"{self.prefix}{EVENTS_EXCHANGE}", type=ExchangeType.TOPIC, durable=True
-        )
+        return RabbitExchange(f"{self.prefix}{EVENTS_EXCHANGE}", type=ExchangeType.TOPIC, durable=True)
 
     @property
     def dead_letters(self) -> RabbitExchange:
-        return RabbitExchange(
-            f"{self.prefix}{DEAD_LETTER_EXCHANGE}", type=ExchangeType.DIRECT, durable=True
-        )
+        return RabbitExchange(f"{self.prefix}{DEAD_LETTER_EXCHANGE}", type=ExchangeType.DIRECT, durable=True)
 
     def work_queue(self, name: str) -> RabbitQueue:
         """A durable queue of commands that start long work. A message its consumer rejects
@@ -80,15 +76,11 @@ class Names:
         )
 
     def dead_letter_queue(self, name: str) -> RabbitQueue:
-        return RabbitQueue(
-            f"{self.prefix}{name}.dead", durable=True, routing_key=f"{self.prefix}{name}"
-        )
+        return RabbitQueue(f"{self.prefix}{name}.dead", durable=True, routing_key=f"{self.prefix}{name}")
 
     def event_queue(self, service: str, name: str, routing_key: str) -> RabbitQueue:
         """A durable queue owned by `service`, bound to the events exchange."""
-        return RabbitQueue(
-            f"{self.prefix}{service}.events.{name}", durable=True, routing_key=routing_key
-        )
+        return RabbitQueue(f"{self.prefix}{service}.events.{name}", durable=True, routing_key=routing_key)
 
 
 def create_broker(settings: Settings, *, graceful_timeout: float = 15.0) -> RabbitBroker:

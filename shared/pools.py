@@ -69,10 +69,17 @@ class LocalPool:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_dir / f"worker-{worker_id}.log", "ab") as output:
                 pool[worker_id] = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", self.module,
-                    "--endpoint", endpoint, "--worker-id", worker_id,
-                    stdout=output, stderr=asyncio.subprocess.STDOUT,
-                    env=self.env, start_new_session=True,
+                    sys.executable,
+                    "-m",
+                    self.module,
+                    "--endpoint",
+                    endpoint,
+                    "--worker-id",
+                    worker_id,
+                    stdout=output,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
                 )
             log.info("pool.worker_started", endpoint=endpoint, worker_id=worker_id, pid=pool[worker_id].pid)
         surplus = list(pool)[count:]

@@ -37,9 +37,7 @@ class Settings(BaseSettings):
     mongo_db_prefix: str = "esd_"
 
     # S3
-    s3_endpoint_url: str | None = Field(
-        None, validation_alias=AliasChoices("ESD_S3_ENDPOINT_URL", "S3_ENDPOINT_URL")
-    )
+    s3_endpoint_url: str | None = Field(None, validation_alias=AliasChoices("ESD_S3_ENDPOINT_URL", "S3_ENDPOINT_URL"))
     s3_access_key: SecretStr = SecretStr("")
     s3_secret_key: SecretStr = SecretStr("")
     s3_region: str = "us-east-1"

@@ -109,9 +109,7 @@ class ObjectStore:
             Bucket=self.bucket,
             Key=key,
             UploadId=upload_id,
-            MultipartUpload={
-                "Parts": [{"PartNumber": number, "ETag": etag} for number, etag in sorted(parts)]
-            },
+            MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in sorted(parts)]},
         )
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:

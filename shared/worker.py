@@ -89,7 +89,9 @@ class WorkerRuntime:
             async def consume(job: message) -> None:  # type: ignore[valid-type]
                 await handle(job)
 
-            self.broker.subscriber(work_queue, channel=Channel(prefetch_count=1), ack_policy=AckPolicy.NACK_ON_ERROR)(consume)
+            self.broker.subscriber(work_queue, channel=Channel(prefetch_count=1), ack_policy=AckPolicy.NACK_ON_ERROR)(
+                consume
+            )
             await self.broker.connect()
             stack.push_async_callback(self.broker.stop)
             await self.rpc.start()

@@ -152,7 +152,6 @@ async def event_log() -> AsyncIterator[Callable[[Settings, str], Awaitable[Event
         await broker.stop()
 
 
-
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A SeaweedFS S3 server on free ports; yields settings overrides pointing at it."""

@@ -77,6 +77,9 @@ def consumer_prefetch(queue: str) -> list[int]:
         pytest.skip("rabbitmqctl is not on this host")
     listed = subprocess.run(
         ["rabbitmqctl", "list_consumers", "-q", "queue_name", "prefetch_count", "--formatter", "json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     return [consumer["prefetch_count"] for consumer in json.loads(listed) if consumer["queue_name"] == queue]

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status", "rabbitmq"])
     parser.add_argument(
-        "--var-dir", type=Path, default=Path(os.environ.get("ESD_VAR_DIR", "var")),
+        "--var-dir",
+        type=Path,
+        default=Path(os.environ.get("ESD_VAR_DIR", "var")),
         help="where data, logs, pid files and secrets live (default: ./var)",
     )
     parser.add_argument("--no-image", action="store_true", help="with up: skip generating the first image")

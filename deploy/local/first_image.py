@@ -40,21 +40,34 @@ class Client:
 
 
 def _ensure_model(client: Client, var_dir: Path, say) -> None:
-    listed = client.call("GET", "/checkpoints", (200,), params={"types": "Stable-diffusion", "status": "Active", "per_page": 1000})
+    listed = client.call(
+        "GET", "/checkpoints", (200,), params={"types": "Stable-diffusion", "status": "Active", "per_page": 1000}
+    )
     if any(TINY_MODEL in item["name"] for item in listed.get("data", {}).get("checkpoints", [])):
         return
     from diffusion.testing import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(var_dir / TINY_MODEL, seed=0)
-    created = client.call("POST", "/checkpoints", (201,), json={
-        "checkpoint_type": "Stable-diffusion",
-        "filenames": [{"filename": TINY_MODEL, "parts_number": 1}],
-        "params": {"message": "tiny SD 1.5-shaped model with random weights, for the demo"},
-    })["data"]
+    created = client.call(
+        "POST",
+        "/checkpoints",
+        (201,),
+        json={
+            "checkpoint_type": "Stable-diffusion",
+            "filenames": [{"filename": TINY_MODEL, "parts_number": 1}],
+            "params": {"message": "tiny SD 1.5-shaped model with random weights, for the demo"},
+        },
+    )["data"]
     etag = httpx.put(created["s3PresignUrl"][TINY_MODEL][0], content=path.read_bytes(), timeout=120).headers["etag"]
-    client.call("PUT", f"/checkpoints/{created['checkpoint']['id']}", (200,), json={
-        "status": "Active", "multi_parts_tags": {TINY_MODEL: [{"ETag": etag, "PartNumber": 1}]},
-    })
+    client.call(
+        "PUT",
+        f"/checkpoints/{created['checkpoint']['id']}",
+        (200,),
+        json={
+            "status": "Active",
+            "multi_parts_tags": {TINY_MODEL: [{"ETag": etag, "PartNumber": 1}]},
+        },
+    )
     say(f"registered the tiny model {TINY_MODEL}")
 
 
@@ -62,11 +75,21 @@ def _ensure_endpoint(client: Client, say, timeout: float = 300) -> str:
     name = f"esd-async-{ENDPOINT}"
     listed = client.call("GET", "/endpoints", (200,))["data"]["endpoints"]
     if not any(endpoint["endpoint_name"] == name for endpoint in listed):
-        client.call("POST", "/endpoints", (202,), json={
-            "endpoint_name": ENDPOINT, "endpoint_type": "Async", "instance_type": "local",
-            "initial_instance_count": 1, "autoscaling_enabled": True,
-            "min_instance_number": 0, "max_instance_number": 2, "assign_to_roles": ["IT Operator"],
-        })
+        client.call(
+            "POST",
+            "/endpoints",
+            (202,),
+            json={
+                "endpoint_name": ENDPOINT,
+                "endpoint_type": "Async",
+                "instance_type": "local",
+                "initial_instance_count": 1,
+                "autoscaling_enabled": True,
+                "min_instance_number": 0,
+                "max_instance_number": 2,
+                "assign_to_roles": ["IT Operator"],
+            },
+        )
         say(f"created the endpoint {name}; waiting for its first worker")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -84,11 +107,20 @@ def generate(url: str, api_key: str, username: str, var_dir: Path, out_dir: Path
     client = Client(url, api_key, username)
     _ensure_model(client, var_dir, say)
     endpoint = _ensure_endpoint(client, say)
-    inference = client.call("POST", "/inferences", (201,), json={
-        "task_type": "txt2img", "inference_type": "Async", "sagemaker_endpoint_name": endpoint,
-        "models": {"Stable-diffusion": [TINY_MODEL], "VAE": ["Automatic"]},
-    })["data"]["inference"]
-    httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(PAYLOAD).encode(), timeout=60).raise_for_status()
+    inference = client.call(
+        "POST",
+        "/inferences",
+        (201,),
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "sagemaker_endpoint_name": endpoint,
+            "models": {"Stable-diffusion": [TINY_MODEL], "VAE": ["Automatic"]},
+        },
+    )["data"]["inference"]
+    httpx.put(
+        inference["api_params_s3_upload_url"], content=json.dumps(PAYLOAD).encode(), timeout=60
+    ).raise_for_status()
     client.call("PUT", f"/inferences/{inference['id']}/start", (202,))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

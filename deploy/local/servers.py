@@ -61,12 +61,17 @@ class EmbeddedMongo:
             self.var_dir,
             [
                 str(_bin("nx-27017")),
-                "--data-dir", str(self.var_dir / "mongo"),
-                "--host", "127.0.0.1",
-                "-p", str(self.port),
-                "--pid-file", str(self.var_dir / "run" / "nx-27017.pid"),
+                "--data-dir",
+                str(self.var_dir / "mongo"),
+                "--host",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--pid-file",
+                str(self.var_dir / "run" / "nx-27017.pid"),
                 # it also logs to stderr, which goes to the log: one copy is enough
-                "--log-file", os.devnull,
+                "--log-file",
+                os.devnull,
             ],
             marker=str(_bin("nx-27017")),
             writes_pid_file=True,
@@ -132,17 +137,28 @@ class EmbeddedS3:
 
     def _argv(self, base: int) -> list[str]:
         return [
-            str(_bin("weed")), "server",
+            str(_bin("weed")),
+            "server",
             f"-dir={self.var_dir / 's3'}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={base}", f"-master.port.grpc={base + 1}",
-            f"-volume.port={base + 2}", f"-volume.port.grpc={base + 3}",
-            "-filer", f"-filer.port={base + 4}", f"-filer.port.grpc={base + 5}",
-            "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={base + 6}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={base}",
+            f"-master.port.grpc={base + 1}",
+            f"-volume.port={base + 2}",
+            f"-volume.port.grpc={base + 3}",
+            "-filer",
+            f"-filer.port={base + 4}",
+            f"-filer.port.grpc={base + 5}",
+            "-s3",
+            f"-s3.port={self.port}",
+            f"-s3.port.grpc={base + 6}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             f"-s3.config={self.var_dir / 's3.json'}",
-            "-metricsPort=0", "-master.telemetry=false",
-            "-volume.max=0", "-master.volumeSizeLimitMB=64",
+            "-metricsPort=0",
+            "-master.telemetry=false",
+            "-volume.max=0",
+            "-master.volumeSizeLimitMB=64",
         ]
 
     def start(self, env: Mapping[str, str] | None = None) -> None:
@@ -234,7 +250,11 @@ def ensure_rabbitmq(amqp_url: str, log_file: Path, say: Say = print) -> bool:
         # no check: a node the package's install scripts are still starting makes this exit
         # non-zero, and the port below is the judge either way
         subprocess.run(
-            [server, "-detached"], check=False, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            [server, "-detached"],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     # `rabbitmq-diagnostics ping` answers before the AMQP listener is open: poll the port

@@ -104,8 +104,7 @@ class Checkpoints:
                 upload_id = await self.storage.start_multipart(key)
                 uploads[file.filename] = {"upload_id": upload_id, "bucket": self.storage.bucket, "key": key}
                 presigned[file.filename] = [
-                    await self.storage.presign_part(key, upload_id, part)
-                    for part in range(1, file.parts_number + 1)
+                    await self.storage.presign_part(key, upload_id, part) for part in range(1, file.parts_number + 1)
                 ]
             checkpoint.params["multipart_upload"] = uploads
             await self.store.insert(checkpoint)
@@ -240,7 +239,11 @@ class Checkpoints:
         not_found = NotFound(f"checkpoint with name {command.name}, type {command.checkpoint_type.value} is not found")
         holder = await self.store.holder(command.name)
         checkpoint = await self.store.get(holder) if holder else None
-        if checkpoint is None or checkpoint.type is not command.checkpoint_type or checkpoint.status is not CheckpointStatus.ACTIVE:
+        if (
+            checkpoint is None
+            or checkpoint.type is not command.checkpoint_type
+            or checkpoint.status is not CheckpointStatus.ACTIVE
+        ):
             raise not_found
         return checkpoint.item()
 
@@ -251,12 +254,19 @@ class Checkpoints:
         name = command.name
         if await self.store.holder(name) is not None:  # keep the file's name when free
             stem, dot, extension = name.rpartition(".")
-            name = f"{stem}-{command.checkpoint_id[:8]}{dot}{extension}" if dot else f"{name}-{command.checkpoint_id[:8]}"
+            name = (
+                f"{stem}-{command.checkpoint_id[:8]}{dot}{extension}" if dot else f"{name}-{command.checkpoint_id[:8]}"
+            )
         params = {**command.params, "creator": command.actor.username, "created": str(datetime.now())}
         checkpoint = Checkpoint(
-            id=command.checkpoint_id, type=command.checkpoint_type, status=CheckpointStatus.INITIAL,
-            names=[name], bucket=self.storage.bucket, params=params,
-            allowed_roles=list(command.actor.roles) or [command.actor.username], created=time.time(),
+            id=command.checkpoint_id,
+            type=command.checkpoint_type,
+            status=CheckpointStatus.INITIAL,
+            names=[name],
+            bucket=self.storage.bucket,
+            params=params,
+            allowed_roles=list(command.actor.roles) or [command.actor.username],
+            created=time.time(),
         )
         await self.store.reserve_names([name], checkpoint.id)
         size = await self.storage.size(command.source_key)
@@ -329,14 +339,19 @@ class Checkpoints:
     async def _copy(self, source: str, target: str, size: int) -> None:
         bucket = self.storage.bucket
         if size <= S3_COPY_LIMIT:
-            await self.storage.client.copy_object(Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": source})
+            await self.storage.client.copy_object(
+                Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": source}
+            )
             return
         upload_id = await self.storage.start_multipart(target)
         parts = []
         part_size = 1024**3
         for number, start in enumerate(range(0, size, part_size), start=1):
             reply = await self.storage.client.upload_part_copy(
-                Bucket=bucket, Key=target, UploadId=upload_id, PartNumber=number,
+                Bucket=bucket,
+                Key=target,
+                UploadId=upload_id,
+                PartNumber=number,
                 CopySource={"Bucket": bucket, "Key": source},
                 CopySourceRange=f"bytes={start}-{min(start + part_size, size) - 1}",
             )

@@ -188,7 +188,6 @@ def public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-
 def provisional_name(url: str, checkpoint_id: str) -> str:
     """The name a by-URL checkpoint carries until its download tells the real one."""
     try:

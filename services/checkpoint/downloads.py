@@ -99,7 +99,9 @@ class Downloader:
                 buffer += chunk
                 done += len(chunk)
                 if len(buffer) >= self.part_bytes:
-                    parts.append((len(parts) + 1, await self.storage.upload_part(key, upload_id, len(parts) + 1, bytes(buffer))))
+                    parts.append(
+                        (len(parts) + 1, await self.storage.upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
+                    )
                     buffer.clear()
                 if time.monotonic() - reported >= PROGRESS_EVERY_SECONDS:
                     reported = time.monotonic()
@@ -107,7 +109,9 @@ class Downloader:
             if total is not None and done != total:
                 raise Invalid(f"the download ended after {done} of {total} bytes")
             if buffer or not parts:
-                parts.append((len(parts) + 1, await self.storage.upload_part(key, upload_id, len(parts) + 1, bytes(buffer))))
+                parts.append(
+                    (len(parts) + 1, await self.storage.upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
+                )
             await self.storage.complete_multipart(key, upload_id, parts)
         except httpx.HTTPError as error:
             await self.storage.abort_multipart(key, upload_id)

@@ -11,15 +11,17 @@ from shared.service import Runtime
 
 
 def register(runtime: Runtime, checkpoints: Checkpoints) -> None:
-    runtime.rpc.register_all({
-        contract.CREATE_CHECKPOINT: checkpoints.create,
-        contract.UPDATE_CHECKPOINT: checkpoints.update,
-        contract.DELETE_CHECKPOINTS: checkpoints.delete,
-        contract.LIST_CHECKPOINTS: checkpoints.list,
-        contract.GET_CHECKPOINT: checkpoints.get,
-        contract.FIND_CHECKPOINT: checkpoints.find,
-        contract.REGISTER_CHECKPOINT: checkpoints.register,
-    })
+    runtime.rpc.register_all(
+        {
+            contract.CREATE_CHECKPOINT: checkpoints.create,
+            contract.UPDATE_CHECKPOINT: checkpoints.update,
+            contract.DELETE_CHECKPOINTS: checkpoints.delete,
+            contract.LIST_CHECKPOINTS: checkpoints.list,
+            contract.GET_CHECKPOINT: checkpoints.get,
+            contract.FIND_CHECKPOINT: checkpoints.find,
+            contract.REGISTER_CHECKPOINT: checkpoints.register,
+        }
+    )
     broker, names = runtime.broker, runtime.names
     # Downloads are slow and mostly waiting: a few at once per replica.
     broker.subscriber(names.work_queue(contract.DOWNLOADS), channel=Channel(prefetch_count=4))(checkpoints.download)

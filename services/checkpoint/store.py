@@ -13,8 +13,20 @@ from pymongo.errors import DuplicateKeyError
 from services.checkpoint.domain import Checkpoint, duplicate_name_error
 from shared.contracts.checkpoint import CheckpointStatus, CheckpointType
 
-_FIELDS = ("id", "type", "status", "names", "bucket", "params", "allowed_roles", "created",
-           "urls", "error", "progress", "attempts")
+_FIELDS = (
+    "id",
+    "type",
+    "status",
+    "names",
+    "bucket",
+    "params",
+    "allowed_roles",
+    "created",
+    "urls",
+    "error",
+    "progress",
+    "attempts",
+)
 
 
 def _checkpoint(doc: dict) -> Checkpoint:
@@ -78,9 +90,7 @@ class CheckpointStore:
     async def update(self, checkpoint_id: str, **fields: Any) -> None:
         await self.checkpoints.update_one({"id": checkpoint_id}, {"$set": self._values(fields)})
 
-    async def transition(
-        self, checkpoint_id: str, expected: list[CheckpointStatus], **fields: Any
-    ) -> bool:
+    async def transition(self, checkpoint_id: str, expected: list[CheckpointStatus], **fields: Any) -> bool:
         """Set fields only if the status is still one of `expected` (a guard against a
         concurrent change); True when it was."""
         result = await self.checkpoints.update_one(
@@ -117,7 +127,4 @@ class CheckpointStore:
 
     @staticmethod
     def _values(fields: dict[str, Any]) -> dict[str, Any]:
-        return {
-            name: value.value if isinstance(value, CheckpointStatus) else value
-            for name, value in fields.items()
-        }
+        return {name: value.value if isinstance(value, CheckpointStatus) else value for name, value in fields.items()}

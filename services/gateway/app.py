@@ -91,18 +91,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
         app.include_router(router, prefix="/prod", include_in_schema=False)
     install_error_handlers(app)
-    app.add_middleware(
-        EdgeMiddleware, api_key=api_key, max_body_bytes=settings.max_body_bytes
-    )
+    app.add_middleware(EdgeMiddleware, api_key=api_key, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
 def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(BODY_DEFINITIONS)
         for model in (ErrorReply, ForbiddenReply):

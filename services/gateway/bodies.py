@@ -44,6 +44,4 @@ def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` documenting a route's JSON body."""
     schema = model.model_json_schema(ref_template=REF_TEMPLATE)
     BODY_DEFINITIONS.update(schema.pop("$defs", {}))
-    return {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
-    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -63,4 +63,3 @@ class Completions:
 
 class JobTimeout(EsdError):
     status = 504
-

@@ -76,7 +76,7 @@ def envelope_of(model: type[BaseModel] | None) -> type[BaseModel]:
 _WHY = {
     400: "Bad request: a body or query that breaks the contract, or a rule the request breaks",
     401: "No user, or a user that does not exist",
-    403: "Missing or wrong API key (body `{\"message\": \"Forbidden\"}`), or a missing permission",
+    403: 'Missing or wrong API key (body `{"message": "Forbidden"}`), or a missing permission',
     404: "Not found",
     413: "Request body too large",
     503: "A service did not answer in time; retry",
@@ -99,9 +99,19 @@ def answers(
     for status in sorted({*errors, *((503,) if routed else ())}):
         documented[status] = {"model": ErrorReply, "description": _WHY[status]}
     # the key's 403 has API Gateway's own body; a missing permission has the envelope
-    documented[403] = {"description": _WHY[403], "content": {"application/json": {"schema": {"anyOf": [
-        {"$ref": "#/components/schemas/ForbiddenReply"}, {"$ref": "#/components/schemas/ErrorReply"},
-    ]}}}}
+    documented[403] = {
+        "description": _WHY[403],
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/ForbiddenReply"},
+                        {"$ref": "#/components/schemas/ErrorReply"},
+                    ]
+                }
+            }
+        },
+    }
     return documented
 
 
@@ -121,8 +131,7 @@ def _describe(error: dict) -> str:
     prefix = f"{field}: " if field else ""
     if kind == "string_too_short":
         return (
-            f'{prefix}string "{value}" is too short '
-            f"(length: {len(value)}, required minimum: {ctx.get('min_length')})"
+            f'{prefix}string "{value}" is too short (length: {len(value)}, required minimum: {ctx.get("min_length")})'
         )
     if kind == "too_short":
         return (
@@ -130,14 +139,10 @@ def _describe(error: dict) -> str:
             f"(length: {ctx.get('actual_length')}, required minimum: {ctx.get('min_length')})"
         )
     if kind == "string_too_long":
-        return (
-            f"{prefix}string is too long "
-            f"(length: {len(value)}, maximum allowed: {ctx.get('max_length')})"
-        )
+        return f"{prefix}string is too long (length: {len(value)}, maximum allowed: {ctx.get('max_length')})"
     if kind == "too_long":
         return (
-            f"{prefix}array is too long "
-            f"(length: {ctx.get('actual_length')}, maximum allowed: {ctx.get('max_length')})"
+            f"{prefix}array is too long (length: {ctx.get('actual_length')}, maximum allowed: {ctx.get('max_length')})"
         )
     if kind in ("model_type", "model_attributes_type", "dict_type") and not field:
         return "request body must be a JSON object"

@@ -46,9 +46,7 @@ class EdgeMiddleware:
             await send(message)
 
         headers = dict(scope["headers"])
-        if scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
-            headers.get(b"x-api-key", b""), self.api_key
-        ):
+        if scope["path"] not in OPEN_PATHS and not hmac.compare_digest(headers.get(b"x-api-key", b""), self.api_key):
             await forbidden_api_key()(scope, receive, send_versioned)
             return
         declared = headers.get(b"content-length")

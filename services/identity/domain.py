@@ -40,9 +40,7 @@ def permissions_of(role_names: Iterable[str], roles: Mapping[str, Role]) -> list
 
 
 def principal_of(user: User, roles: Mapping[str, Role]) -> Principal:
-    return Principal(
-        username=user.username, roles=user.roles, permissions=permissions_of(user.roles, roles)
-    )
+    return Principal(username=user.username, roles=user.roles, permissions=permissions_of(user.roles, roles))
 
 
 def user_view(user: User, roles: Mapping[str, Role]) -> UserView:
@@ -75,9 +73,7 @@ def visible_users(actor: Principal, users: Iterable[User]) -> list[User]:
 def check_permission_names(permissions: Iterable[str]) -> None:
     unknown = [permission for permission in permissions if not is_valid(permission)]
     if unknown:
-        raise Invalid(
-            f"unknown permissions {unknown}, each must be one of {list(ALL_PERMISSIONS)}"
-        )
+        raise Invalid(f"unknown permissions {unknown}, each must be one of {list(ALL_PERMISSIONS)}")
 
 
 def check_grant(actor: Principal, permissions: Iterable[str]) -> None:
@@ -86,9 +82,7 @@ def check_grant(actor: Principal, permissions: Iterable[str]) -> None:
         return
     refused = not_grantable(actor.permissions, permissions)
     if refused:
-        raise Forbidden(
-            f"creator {actor.username} has no permission to assign permissions {refused} to others"
-        )
+        raise Forbidden(f"creator {actor.username} has no permission to assign permissions {refused} to others")
 
 
 def check_roles_exist(wanted: Iterable[str], roles: Mapping[str, Role]) -> None:
@@ -112,9 +106,7 @@ def check_role_change(actor: Principal, existing: Role | None) -> None:
     if existing is None or allows(actor.permissions, "role:all"):
         return
     if existing.creator != actor.username:
-        raise Invalid(
-            f"creator {actor.username} does not have permission to update role {existing.role_name}"
-        )
+        raise Invalid(f"creator {actor.username} does not have permission to update role {existing.role_name}")
 
 
 def check_user_deletion(actor: Principal, names: Iterable[str]) -> None:

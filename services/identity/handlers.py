@@ -11,15 +11,17 @@ from shared.service import Runtime
 
 
 def register(runtime: Runtime, users: Users, roles: Roles, store: IdentityStore) -> None:
-    runtime.rpc.register_all({
-        contract.AUTHENTICATE_USER: users.authenticate,
-        contract.CREATE_USER: users.create,
-        contract.LIST_USERS: users.list,
-        contract.DELETE_USERS: users.delete,
-        contract.CREATE_ROLE: roles.create,
-        contract.LIST_ROLES: roles.list,
-        contract.DELETE_ROLES: roles.delete,
-    })
+    runtime.rpc.register_all(
+        {
+            contract.AUTHENTICATE_USER: users.authenticate,
+            contract.CREATE_USER: users.create,
+            contract.LIST_USERS: users.list,
+            contract.DELETE_USERS: users.delete,
+            contract.CREATE_ROLE: roles.create,
+            contract.LIST_ROLES: roles.list,
+            contract.DELETE_ROLES: roles.delete,
+        }
+    )
 
     # Every replica keeps the roles in memory: a change made by another one empties it here.
     @runtime.broker.subscriber(runtime.names.replica_queue(contract.SERVICE, "role.*"), runtime.names.events)

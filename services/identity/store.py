@@ -140,9 +140,7 @@ class IdentityStore:
         if found:
             await self.roles.delete_many({"role_name": {"$in": found}})
             self.forget_roles()
-            await self.users.update_many(
-                {"roles": {"$in": found}}, {"$pull": {"roles": {"$in": found}}}
-            )
+            await self.users.update_many({"roles": {"$in": found}}, {"$pull": {"roles": {"$in": found}}})
         return found
 
     @staticmethod

@@ -38,9 +38,7 @@ class Users:
         if await self.store.find_user(self.admin_username) is not None:
             return
         if not admin_password:
-            raise SystemExit(
-                "ESD_ADMIN_PASSWORD must be set the first time identity starts (to create the admin)"
-            )
+            raise SystemExit("ESD_ADMIN_PASSWORD must be set the first time identity starts (to create the admin)")
         admin = User(
             username=self.admin_username,
             roles=[DEFAULT_ROLE],

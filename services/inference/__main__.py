@@ -34,7 +34,11 @@ async def setup(runtime: Runtime):
     endpoints = Endpoints(store, pools, runtime.events, broker, names, live_within=live_within, fail_job=jobs.fail)
     catalog = Catalog(store)
     autoscaler = Autoscaler(
-        store, pools, depths, runtime.events, names,
+        store,
+        pools,
+        depths,
+        runtime.events,
+        names,
         live_within=live_within,
         start_timeout=settings.endpoint_start_timeout,
         scale_down_after=settings.pool_scale_down_after,

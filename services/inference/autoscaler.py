@@ -57,7 +57,9 @@ class Autoscaler:
             since = max(self.last_busy.get(name, 0.0), endpoint.ready_at or now)
             state = PoolState(queued=queued, busy=busy, current=self.pools.count(name), idle_seconds=now - since)
             limits = PoolLimits(
-                minimum=endpoint.min, maximum=endpoint.max, autoscaling=endpoint.autoscaling,
+                minimum=endpoint.min,
+                maximum=endpoint.max,
+                autoscaling=endpoint.autoscaling,
                 scale_down_after=self.scale_down_after,
             )
             wanted = desired_workers(state, limits, endpoint.initial)

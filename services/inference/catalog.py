@@ -15,10 +15,15 @@ from shared.storage import parse_s3_uri
 SYSTEM = Principal(username="inference-service", roles=[], permissions=["checkpoint:all"])
 
 
-def _entry(checkpoint_id: str, checkpoint_type: str, names: list[str], s3_location: str, roles: list[str]) -> CatalogEntry:
+def _entry(
+    checkpoint_id: str, checkpoint_type: str, names: list[str], s3_location: str, roles: list[str]
+) -> CatalogEntry:
     return CatalogEntry(
-        checkpoint_id=checkpoint_id, type=checkpoint_type, names=names,
-        prefix=parse_s3_uri(s3_location)[1], allowed_roles=roles,
+        checkpoint_id=checkpoint_id,
+        type=checkpoint_type,
+        names=names,
+        prefix=parse_s3_uri(s3_location)[1],
+        allowed_roles=roles,
     )
 
 
@@ -27,9 +32,11 @@ class Catalog:
         self.store = store
 
     async def usable(self, event: checkpoints.CheckpointChanged) -> None:
-        await self.store.put_model(_entry(
-            event.checkpoint_id, event.checkpoint_type.value, event.names, event.s3_location, event.allowed_roles
-        ))
+        await self.store.put_model(
+            _entry(
+                event.checkpoint_id, event.checkpoint_type.value, event.names, event.s3_location, event.allowed_roles
+            )
+        )
 
     async def unusable(self, event: checkpoints.CheckpointChanged) -> None:
         await self.store.drop_model(event.checkpoint_id)
@@ -44,9 +51,9 @@ class Catalog:
                 ),
             )
             for item in listing.checkpoints:
-                await self.store.put_model(_entry(
-                    item.id, item.type.value, item.name, item.s3Location, item.allowed_roles_or_users
-                ))
+                await self.store.put_model(
+                    _entry(item.id, item.type.value, item.name, item.s3Location, item.allowed_roles_or_users)
+                )
             if page >= listing.pages:
                 return
             page += 1

@@ -105,6 +105,7 @@ def check_owner(actor: Principal, job: InferenceJob) -> None:
     if job.owner != actor.username and not allows(actor.permissions, "inference:all"):
         raise NotFound(f"inference with id {job.id} not found")
 
+
 PASS_THROUGH_VAES = ("Automatic", "None")
 RUNNABLE_TASKS = ("txt2img", "img2img")
 

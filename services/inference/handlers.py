@@ -24,26 +24,30 @@ _CATALOG_EVENTS = {
 
 
 def register(runtime: Runtime, endpoints: Endpoints, jobs: Jobs, catalog: Catalog) -> None:
-    runtime.rpc.register_all({
-        contract.CREATE_ENDPOINT: endpoints.create,
-        contract.LIST_ENDPOINTS: endpoints.list,
-        contract.DELETE_ENDPOINTS: endpoints.delete,
-        contract.CREATE_INFERENCE: jobs.create,
-        contract.START_INFERENCE: jobs.start,
-        contract.GET_INFERENCE: jobs.get,
-        contract.LIST_INFERENCES: jobs.list,
-        contract.DELETE_INFERENCES: jobs.delete,
-        contract.REPORT_INFERENCE_STARTED: jobs.started,
-        contract.REPORT_INFERENCE_SUCCEEDED: jobs.succeeded,
-        contract.REPORT_INFERENCE_FAILED: jobs.failed,
-    })
+    runtime.rpc.register_all(
+        {
+            contract.CREATE_ENDPOINT: endpoints.create,
+            contract.LIST_ENDPOINTS: endpoints.list,
+            contract.DELETE_ENDPOINTS: endpoints.delete,
+            contract.CREATE_INFERENCE: jobs.create,
+            contract.START_INFERENCE: jobs.start,
+            contract.GET_INFERENCE: jobs.get,
+            contract.LIST_INFERENCES: jobs.list,
+            contract.DELETE_INFERENCES: jobs.delete,
+            contract.REPORT_INFERENCE_STARTED: jobs.started,
+            contract.REPORT_INFERENCE_SUCCEEDED: jobs.succeeded,
+            contract.REPORT_INFERENCE_FAILED: jobs.failed,
+        }
+    )
     broker, names = runtime.broker, runtime.names
 
     @broker.subscriber(names.heartbeat_queue(contract.HEARTBEATS))
     async def heartbeat(beat: WorkerHeartbeat) -> None:
         await endpoints.heartbeat(beat)
 
-    @broker.subscriber(names.event_queue(contract.SERVICE, "progress", contract.InferenceProgress.routing_key), names.events)
+    @broker.subscriber(
+        names.event_queue(contract.SERVICE, "progress", contract.InferenceProgress.routing_key), names.events
+    )
     async def progressed(event: contract.InferenceProgress) -> None:
         await jobs.progressed(event)
 

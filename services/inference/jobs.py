@@ -127,8 +127,14 @@ class Jobs:
             if entry is None:
                 missing.append(f"checkpoint with name {name}, type {checkpoint_type} is not found")
                 continue
-            files.append(ModelFile(type=checkpoint_type, checkpoint_id=entry.checkpoint_id, name=name, key=f"{entry.prefix}/{name}"))
-            refs.setdefault(checkpoint_type, ModelRef(id=entry.checkpoint_id, name=[], type=checkpoint_type)).name.append(name)
+            files.append(
+                ModelFile(
+                    type=checkpoint_type, checkpoint_id=entry.checkpoint_id, name=name, key=f"{entry.prefix}/{name}"
+                )
+            )
+            refs.setdefault(
+                checkpoint_type, ModelRef(id=entry.checkpoint_id, name=[], type=checkpoint_type)
+            ).name.append(name)
         if missing:
             raise Invalid(" ".join(missing))
         for vae in models.get("VAE", []):
@@ -183,12 +189,19 @@ class Jobs:
         outputs = [await self.storage.presign_get(f"{prefix}/{job.id}_param.json")] if succeeded else []
         used: dict[str, list[UsedModel]] = {}
         for file in job.files:
-            used.setdefault(file.type.value, []).append(UsedModel(
-                s3=self.storage.uri(file.key.rsplit("/", 1)[0]), id=file.checkpoint_id, model_name=file.name, type=file.type.value,
-            ))
+            used.setdefault(file.type.value, []).append(
+                UsedModel(
+                    s3=self.storage.uri(file.key.rsplit("/", 1)[0]),
+                    id=file.checkpoint_id,
+                    model_name=file.name,
+                    type=file.type.value,
+                )
+            )
         for ref in job.models:
             if ref.id == "VAE":
-                used.setdefault("VAE", []).extend(UsedModel(s3="None", id="VAE", model_name=name, type="VAE") for name in ref.name)
+                used.setdefault("VAE", []).extend(
+                    UsedModel(s3="None", id="VAE", model_name=name, type="VAE") for name in ref.name
+                )
         return InferenceView(
             img_presigned_urls=images,
             output_presigned_urls=outputs,
@@ -250,13 +263,17 @@ class Jobs:
         if job.finished:
             return GoAhead(run=False, reason=f"the job already {job.status.value}")
         if await self.store.count_attempt(report.inference_id) > MAX_JOB_ATTEMPTS:
-            await self.fail(report.inference_id, f"gave up after {MAX_JOB_ATTEMPTS} attempts: workers stopped while running it")
+            await self.fail(
+                report.inference_id, f"gave up after {MAX_JOB_ATTEMPTS} attempts: workers stopped while running it"
+            )
             return GoAhead(run=False, reason="too many attempts")
         await self.store.update_job(
             report.inference_id, status=JobStatus.IN_PROGRESS, worker_id=report.worker_id, run_started=time.time()
         )
         await self.events.publish(
-            InferenceStarted(inference_id=report.inference_id, endpoint_name=job.endpoint_name, worker_id=report.worker_id)
+            InferenceStarted(
+                inference_id=report.inference_id, endpoint_name=job.endpoint_name, worker_id=report.worker_id
+            )
         )
         return GoAhead(run=True)
 
@@ -265,15 +282,23 @@ class Jobs:
         if job is None:
             return
         if await self.store.transition_job(
-            report.inference_id, _UNFINISHED,
-            status=JobStatus.SUCCEEDED, complete_time=time.time(), image_names=report.image_names, info=report.info,
+            report.inference_id,
+            _UNFINISHED,
+            status=JobStatus.SUCCEEDED,
+            complete_time=time.time(),
+            image_names=report.image_names,
+            info=report.info,
         ):
             prefix = domain.output_prefix(report.inference_id)
             log.info("inference.succeeded", inference_id=report.inference_id, images=len(report.image_names))
-            await self.events.publish(InferenceSucceeded(
-                inference_id=report.inference_id, endpoint_name=job.endpoint_name,
-                image_keys=[f"{prefix}/{name}" for name in report.image_names], owner=job.owner,
-            ))
+            await self.events.publish(
+                InferenceSucceeded(
+                    inference_id=report.inference_id,
+                    endpoint_name=job.endpoint_name,
+                    image_keys=[f"{prefix}/{name}" for name in report.image_names],
+                    owner=job.owner,
+                )
+            )
 
     async def failed(self, report: ReportInferenceFailed) -> None:
         await self.fail(report.inference_id, report.error)
@@ -287,10 +312,11 @@ class Jobs:
         ):
             log.warning("inference.failed", inference_id=inference_id, error=error)
             await self.events.publish(
-                InferenceFailed(inference_id=inference_id, endpoint_name=job.endpoint_name, error=error, owner=job.owner)
+                InferenceFailed(
+                    inference_id=inference_id, endpoint_name=job.endpoint_name, error=error, owner=job.owner
+                )
             )
 
     async def progressed(self, event: InferenceProgress) -> None:
         progress = JobProgress(step=event.step, total=event.total)
         await self.store.update_job(event.inference_id, progress=progress.model_dump())
-

@@ -89,9 +89,7 @@ class InferenceStore:
     async def transition_job(self, inference_id: str, expected: list[str], **fields: Any) -> bool:
         """Set fields only while the job's status is one of `expected` (a guard against a
         concurrent change); True when it was."""
-        result = await self.jobs.update_one(
-            {"id": inference_id, "status": {"$in": expected}}, {"$set": fields}
-        )
+        result = await self.jobs.update_one({"id": inference_id, "status": {"$in": expected}}, {"$set": fields})
         return result.matched_count == 1
 
     async def count_attempt(self, inference_id: str) -> int:

@@ -84,7 +84,10 @@ class Datasets:
         dataset = await self._get(command.dataset_name)
         files = [
             DatasetFileView(
-                key=file.key, name=file.name, filename=file.filename, type=file.type,
+                key=file.key,
+                name=file.name,
+                filename=file.filename,
+                type=file.type,
                 preview_url=await self.storage.presign_get(file.key),
             )
             for file in dataset.files

@@ -11,22 +11,26 @@ from shared.service import Runtime
 
 
 def register(runtime: Runtime, datasets: Datasets, trainings: Trainings) -> None:
-    runtime.rpc.register_all({
-        contract.CREATE_DATASET: datasets.create,
-        contract.UPDATE_DATASET: datasets.update,
-        contract.LIST_DATASETS: datasets.list,
-        contract.GET_DATASET: datasets.get,
-        contract.DELETE_DATASETS: datasets.delete,
-        contract.CREATE_TRAINING: trainings.create,
-        contract.GET_TRAINING: trainings.get,
-        contract.LIST_TRAININGS: trainings.list,
-        contract.DELETE_TRAININGS: trainings.delete,
-        contract.REPORT_TRAINING_STARTED: trainings.started,
-        contract.REPORT_TRAINING_SUCCEEDED: trainings.succeeded,
-        contract.REPORT_TRAINING_FAILED: trainings.failed,
-    })
+    runtime.rpc.register_all(
+        {
+            contract.CREATE_DATASET: datasets.create,
+            contract.UPDATE_DATASET: datasets.update,
+            contract.LIST_DATASETS: datasets.list,
+            contract.GET_DATASET: datasets.get,
+            contract.DELETE_DATASETS: datasets.delete,
+            contract.CREATE_TRAINING: trainings.create,
+            contract.GET_TRAINING: trainings.get,
+            contract.LIST_TRAININGS: trainings.list,
+            contract.DELETE_TRAININGS: trainings.delete,
+            contract.REPORT_TRAINING_STARTED: trainings.started,
+            contract.REPORT_TRAINING_SUCCEEDED: trainings.succeeded,
+            contract.REPORT_TRAINING_FAILED: trainings.failed,
+        }
+    )
     broker, names = runtime.broker, runtime.names
 
-    @broker.subscriber(names.event_queue(contract.SERVICE, "progress", contract.TrainingProgress.routing_key), names.events)
+    @broker.subscriber(
+        names.event_queue(contract.SERVICE, "progress", contract.TrainingProgress.routing_key), names.events
+    )
     async def progressed(event: contract.TrainingProgress) -> None:
         await trainings.progressed(event)

@@ -58,9 +58,7 @@ class TrainingStore:
 
     async def transition(self, training_id: str, expected: list[str], **fields: Any) -> bool:
         """Set fields only while the status is one of `expected`; True when it was."""
-        result = await self.trainings.update_one(
-            {"id": training_id, "status": {"$in": expected}}, {"$set": fields}
-        )
+        result = await self.trainings.update_one({"id": training_id, "status": {"$in": expected}}, {"$set": fields})
         return result.matched_count == 1
 
     async def count_attempt(self, training_id: str) -> int:

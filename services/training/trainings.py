@@ -84,10 +84,20 @@ class Trainings:
             created=time.time(),
         )
         await self.store.add_training(training)
-        await send_work(self.broker, self.names, JOBS, RunTraining(
-            training_id=training_id, model_key=model_key, model_name=model_name, data_prefix=data_prefix,
-            output_prefix=training.output_prefix, config_params=command.params.config_params, fm_type=params.fm_type,
-        ))
+        await send_work(
+            self.broker,
+            self.names,
+            JOBS,
+            RunTraining(
+                training_id=training_id,
+                model_key=model_key,
+                model_name=model_name,
+                data_prefix=data_prefix,
+                output_prefix=training.output_prefix,
+                config_params=command.params.config_params,
+                fm_type=params.fm_type,
+            ),
+        )
         log.info("training.queued", training_id=training_id, actor=command.actor.username)
         return CreatedTraining(
             id=training_id,
@@ -102,7 +112,9 @@ class Trainings:
             try:
                 item = await self.rpc.call(
                     checkpoints.FIND_CHECKPOINT,
-                    checkpoints.FindCheckpoint(actor=actor, checkpoint_type=checkpoints.CheckpointType.STABLE_DIFFUSION, name=name),
+                    checkpoints.FindCheckpoint(
+                        actor=actor, checkpoint_type=checkpoints.CheckpointType.STABLE_DIFFUSION, name=name
+                    ),
                 )
             except NotFound as missing:  # for this request, a bad base model is a bad input
                 raise Invalid(missing.message) from None
@@ -146,7 +158,9 @@ class Trainings:
         )
 
     async def get(self, command: GetTraining) -> TrainingView:
-        training = domain.check_visible(command.actor, await self.store.training(command.training_id), command.training_id)
+        training = domain.check_visible(
+            command.actor, await self.store.training(command.training_id), command.training_id
+        )
         return self._view(training)
 
     async def list(self, command: ListTrainings) -> TrainingPage:
@@ -201,13 +215,20 @@ class Trainings:
             timeout=120,
         )
         if await self.store.transition(
-            training.id, _UNFINISHED,
-            status=TrainingStatus.COMPLETED, completed=time.time(), checkpoint_id=item.id,
-            lora_name=item.name[0], output_keys=report.output_keys, info=report.info,
+            training.id,
+            _UNFINISHED,
+            status=TrainingStatus.COMPLETED,
+            completed=time.time(),
+            checkpoint_id=item.id,
+            lora_name=item.name[0],
+            output_keys=report.output_keys,
+            info=report.info,
         ):
             log.info("training.completed", training_id=training.id, checkpoint_id=item.id, lora=item.name[0])
             await self.events.publish(
-                TrainingCompleted(training_id=training.id, checkpoint_id=item.id, lora_name=item.name[0], owner=training.owner)
+                TrainingCompleted(
+                    training_id=training.id, checkpoint_id=item.id, lora_name=item.name[0], owner=training.owner
+                )
             )
 
     async def failed(self, report: ReportTrainingFailed) -> None:

@@ -67,7 +67,9 @@ class MultipartFile(Body):
 class CreateCheckpointBody(Body):
     checkpoint_type: CheckpointType
     filenames: Annotated[list[MultipartFile], Field(min_length=1, max_length=20)] | None = None
-    urls: Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(min_length=1, max_length=20)] | None = None
+    urls: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(min_length=1, max_length=20)] | None
+    ) = None
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -89,7 +91,9 @@ class UpdateCheckpointBody(Body):
 
 
 class DeleteCheckpointsBody(Body):
-    checkpoint_id_list: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)]
+    checkpoint_id_list: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)
+    ]
 
 
 # --- commands (RPC) ------------------------------------------------------------------------

@@ -58,11 +58,17 @@ def _count(minimum: int, maximum: int) -> Any:
         int,
         BeforeValidator(_int_from_string),
         Field(ge=minimum, le=maximum),
-        WithJsonSchema({"anyOf": [
-            {"type": "integer", "minimum": minimum, "maximum": maximum},
-            {"type": "string", "pattern": f"^({digits})$"},
-        ]}),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": minimum, "maximum": maximum},
+                    {"type": "string", "pattern": f"^({digits})$"},
+                ]
+            }
+        ),
     ]
+
+
 RoleName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
@@ -91,8 +97,10 @@ class CreateEndpointBody(Body):
     def limits(self) -> tuple[int, int]:
         default_min = 0 if self.endpoint_type is EndpointType.ASYNC else 1
         minimum = self.min_instance_number if self.min_instance_number is not None else default_min
-        maximum = self.max_instance_number if self.max_instance_number is not None else max(
-            self.initial_instance_count, minimum, 1
+        maximum = (
+            self.max_instance_number
+            if self.max_instance_number is not None
+            else max(self.initial_instance_count, minimum, 1)
         )
         return minimum, maximum
 
@@ -110,7 +118,9 @@ class CreateInferenceBody(Body):
 
 
 class DeleteInferencesBody(Body):
-    inference_id_list: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)]
+    inference_id_list: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)
+    ]
 
 
 # --- commands (RPC) ------------------------------------------------------------------------

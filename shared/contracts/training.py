@@ -108,7 +108,9 @@ class CreateTrainingBody(Body):
 
 
 class DeleteTrainingsBody(Body):
-    training_id_list: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)]
+    training_id_list: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)
+    ]
 
 
 # --- commands (RPC) ------------------------------------------------------------------------

@@ -55,15 +55,23 @@ def uploaded(api):
     """A Stable-diffusion checkpoint uploaded in 3 parts and activated."""
     name = unique("model.safetensors")
     data = safetensors_bytes(11)  # parts of 5 MiB, 5 MiB and the rest (S3's minimum but the last)
-    response = api("POST", "/checkpoints", json={
-        "checkpoint_type": "Stable-diffusion",
-        "filenames": [{"filename": name, "parts_number": 3}],
-        "params": {"message": "three parts", "creator": "someone-else"},
-    })
+    response = api(
+        "POST",
+        "/checkpoints",
+        json={
+            "checkpoint_type": "Stable-diffusion",
+            "filenames": [{"filename": name, "parts_number": 3}],
+            "params": {"message": "three parts", "creator": "someone-else"},
+        },
+    )
     assert response.status_code == 201, response.text
     created = response.json()["data"]
     tags = upload_parts(created["s3PresignUrl"][name], data)
-    response = api("PUT", f"/checkpoints/{created['checkpoint']['id']}", json={"status": "Active", "multi_parts_tags": {name: tags}})
+    response = api(
+        "PUT",
+        f"/checkpoints/{created['checkpoint']['id']}",
+        json={"status": "Active", "multi_parts_tags": {name: tags}},
+    )
     assert response.status_code == 200, response.text
     return {"name": name, "data": data, "created": created, "activated": response.json()["data"]["checkpoint"]}
 
@@ -84,7 +92,9 @@ def test_multipart_upload_lands_byte_identical(api, storage, uploaded):
 
 def test_activated_checkpoint_is_listed(api, uploaded):
     checkpoint_id = uploaded["created"]["checkpoint"]["id"]
-    page = api("GET", "/checkpoints", params={"types": "Stable-diffusion", "status": "Active", "per_page": 1000}).json()["data"]
+    page = api(
+        "GET", "/checkpoints", params={"types": "Stable-diffusion", "status": "Active", "per_page": 1000}
+    ).json()["data"]
     (item,) = [item for item in page["checkpoints"] if item["id"] == checkpoint_id]
     assert item["name"] == [uploaded["name"]]
     assert item["type"] == "Stable-diffusion"
@@ -98,9 +108,15 @@ def test_activated_checkpoint_is_listed(api, uploaded):
 def test_pages_are_newest_first(api):
     ids = []
     for _ in range(3):
-        response = api("POST", "/checkpoints", json={"checkpoint_type": "VAE", "filenames": [{"filename": unique("v.pt"), "parts_number": 1}]})
+        response = api(
+            "POST",
+            "/checkpoints",
+            json={"checkpoint_type": "VAE", "filenames": [{"filename": unique("v.pt"), "parts_number": 1}]},
+        )
         ids.append(response.json()["data"]["checkpoint"]["id"])
-    first = api("GET", "/checkpoints", params={"types": "VAE", "status": "Initial", "per_page": 2, "page": 1}).json()["data"]
+    first = api("GET", "/checkpoints", params={"types": "VAE", "status": "Initial", "per_page": 2, "page": 1}).json()[
+        "data"
+    ]
     assert first["per_page"] == 2 and first["page"] == 1
     assert first["pages"] == -(-first["total"] // 2)
     assert [c["id"] for c in first["checkpoints"]] == ids[::-1][:2]
@@ -108,14 +124,22 @@ def test_pages_are_newest_first(api):
 
 
 def test_file_names_are_unique_across_checkpoints(api, uploaded):
-    response = api("POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": uploaded["name"], "parts_number": 1}]})
+    response = api(
+        "POST",
+        "/checkpoints",
+        json={"checkpoint_type": "Lora", "filenames": [{"filename": uploaded["name"], "parts_number": 1}]},
+    )
     assert response.status_code == 400
-    assert response.json()["message"] == f"{uploaded['name']} already exists, please use another or rename/delete exists"
+    assert (
+        response.json()["message"] == f"{uploaded['name']} already exists, please use another or rename/delete exists"
+    )
 
 
 def test_tampered_and_expired_presigned_urls_are_refused_by_storage(api, stack):
     name = unique("t.safetensors")
-    created = api("POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]}).json()["data"]
+    created = api(
+        "POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]}
+    ).json()["data"]
     url = created["s3PresignUrl"][name][0]
     tampered = url.replace("partNumber=1", "partNumber=2")
     assert tampered != url
@@ -127,13 +151,17 @@ def test_tampered_and_expired_presigned_urls_are_refused_by_storage(api, stack):
     from botocore.config import Config
 
     signer = boto3.client(
-        "s3", endpoint_url=stack.s3_endpoint_url, aws_access_key_id=stack.s3_access_key,
-        aws_secret_access_key=stack.s3_secret_key, region_name="us-east-1",
+        "s3",
+        endpoint_url=stack.s3_endpoint_url,
+        aws_access_key_id=stack.s3_access_key,
+        aws_secret_access_key=stack.s3_secret_key,
+        region_name="us-east-1",
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     )
     upload = created["checkpoint"]["params"]["multipart_upload"][name]
     expiring = signer.generate_presigned_url(
-        "upload_part", ExpiresIn=1,
+        "upload_part",
+        ExpiresIn=1,
         Params={"Bucket": upload["bucket"], "Key": upload["key"], "UploadId": upload["upload_id"], "PartNumber": 1},
     )
     time.sleep(2.5)
@@ -145,7 +173,15 @@ def test_download_by_url_follows_redirects_and_becomes_active(api, storage, file
     name = unique("lora.safetensors")
     data = safetensors_bytes(6, seed=1)
     (file_server.folder / name).write_bytes(data)
-    response = api("POST", "/checkpoints", json={"checkpoint_type": "Lora", "urls": [f"{file_server.url}/redirect/{name}"], "params": {"message": "by url"}})
+    response = api(
+        "POST",
+        "/checkpoints",
+        json={
+            "checkpoint_type": "Lora",
+            "urls": [f"{file_server.url}/redirect/{name}"],
+            "params": {"message": "by url"},
+        },
+    )
     assert response.status_code == 202
     assert response.json()["message"] == "Checkpoint creation in progress, please check later"
     (queued,) = response.json()["data"]["checkpoints"]
@@ -167,9 +203,15 @@ def test_download_by_url_follows_redirects_and_becomes_active(api, storage, file
 )
 def test_download_of_a_wrong_file_fails_with_the_reason(api, file_server, path, expected):
     (file_server.folder / "notes.txt").write_text("not a model")
-    response = api("POST", "/checkpoints", json={"checkpoint_type": "Lora", "urls": [f"{file_server.url}{path}?{uuid.uuid4().hex}"]})
+    response = api(
+        "POST",
+        "/checkpoints",
+        json={"checkpoint_type": "Lora", "urls": [f"{file_server.url}{path}?{uuid.uuid4().hex}"]},
+    )
     (queued,) = response.json()["data"]["checkpoints"]
-    checkpoint = wait_for(lambda: (c := get_checkpoint(api, queued["id"]))["status"] != "Initial" and c, what="the failure")
+    checkpoint = wait_for(
+        lambda: (c := get_checkpoint(api, queued["id"]))["status"] != "Initial" and c, what="the failure"
+    )
     assert checkpoint["status"] == "Failed"
     assert expected in checkpoint["error"]
 
@@ -178,8 +220,12 @@ def test_download_from_a_dead_address_fails_with_the_reason(api):
     from deploy.local.stack import free_port
 
     url = f"http://127.0.0.1:{free_port()}/{unique('dead.safetensors')}"
-    (queued,) = api("POST", "/checkpoints", json={"checkpoint_type": "VAE", "urls": [url]}).json()["data"]["checkpoints"]
-    checkpoint = wait_for(lambda: (c := get_checkpoint(api, queued["id"]))["status"] != "Initial" and c, what="the failure")
+    (queued,) = api("POST", "/checkpoints", json={"checkpoint_type": "VAE", "urls": [url]}).json()["data"][
+        "checkpoints"
+    ]
+    checkpoint = wait_for(
+        lambda: (c := get_checkpoint(api, queued["id"]))["status"] != "Initial" and c, what="the failure"
+    )
     assert checkpoint["status"] == "Failed"
     assert "could not download" in checkpoint["error"]
 
@@ -187,7 +233,9 @@ def test_download_from_a_dead_address_fails_with_the_reason(api):
 def test_rename_moves_the_file(api, storage):
     name, new = unique("old.safetensors"), unique("new")
     data = safetensors_bytes(0.1, seed=2)
-    created = api("POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]}).json()["data"]
+    created = api(
+        "POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]}
+    ).json()["data"]
     checkpoint_id = created["checkpoint"]["id"]
 
     response = api("PUT", f"/checkpoints/{checkpoint_id}", json={"name": new})
@@ -205,20 +253,34 @@ def test_rename_moves_the_file(api, storage):
     assert renamed["name"] == [f"{new}.safetensors"]  # the extension is kept
     assert stored_bytes(storage, renamed["s3Location"], f"{new}.safetensors") == data
     # the old name is free again
-    again = api("POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]})
+    again = api(
+        "POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]}
+    )
     assert again.status_code == 201
-    api("DELETE", "/checkpoints", json={"checkpoint_id_list": [checkpoint_id, again.json()["data"]["checkpoint"]["id"]]})
+    api(
+        "DELETE", "/checkpoints", json={"checkpoint_id_list": [checkpoint_id, again.json()["data"]["checkpoint"]["id"]]}
+    )
 
 
 def test_disable_and_enable(api, uploaded):
     checkpoint_id = uploaded["created"]["checkpoint"]["id"]
-    assert api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Disabled"}).json()["data"]["checkpoint"]["status"] == "Disabled"
-    assert api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Active"}).json()["data"]["checkpoint"]["status"] == "Active"
+    assert (
+        api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Disabled"}).json()["data"]["checkpoint"]["status"]
+        == "Disabled"
+    )
+    assert (
+        api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Active"}).json()["data"]["checkpoint"]["status"]
+        == "Active"
+    )
 
 
 def test_delete_removes_objects_record_and_name(api, storage):
     name = unique("gone.pt")
-    created = api("POST", "/checkpoints", json={"checkpoint_type": "embeddings", "filenames": [{"filename": name, "parts_number": 1}]}).json()["data"]
+    created = api(
+        "POST",
+        "/checkpoints",
+        json={"checkpoint_type": "embeddings", "filenames": [{"filename": name, "parts_number": 1}]},
+    ).json()["data"]
     tags = upload_parts(created["s3PresignUrl"][name], b"embedding bytes")
     checkpoint = created["checkpoint"]
     api("PUT", f"/checkpoints/{checkpoint['id']}", json={"status": "Active", "multi_parts_tags": {name: tags}})
@@ -228,7 +290,11 @@ def test_delete_removes_objects_record_and_name(api, storage):
     assert api("GET", f"/checkpoints/{checkpoint['id']}").status_code == 404
     bucket, _, prefix = checkpoint["s3_location"].removeprefix("s3://").partition("/")
     assert storage.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0) == 0
-    reuse = api("POST", "/checkpoints", json={"checkpoint_type": "embeddings", "filenames": [{"filename": name, "parts_number": 1}]})
+    reuse = api(
+        "POST",
+        "/checkpoints",
+        json={"checkpoint_type": "embeddings", "filenames": [{"filename": name, "parts_number": 1}]},
+    )
     assert reuse.status_code == 201
     api("DELETE", "/checkpoints", json={"checkpoint_id_list": [reuse.json()["data"]["checkpoint"]["id"]]})
 
@@ -252,19 +318,47 @@ def test_listing_for_an_unknown_user_is_refused(api):
 @pytest.mark.parametrize(
     "body, expected",
     [
-        ({"filenames": [{"filename": "a.pt", "parts_number": 1}]}, 'object has missing required properties (["checkpoint_type"])'),
+        (
+            {"filenames": [{"filename": "a.pt", "parts_number": 1}]},
+            'object has missing required properties (["checkpoint_type"])',
+        ),
         ({"checkpoint_type": "Checkpoint", "urls": ["http://x/a.pt"]}, "checkpoint_type: Input should be"),
         ({"checkpoint_type": "Lora"}, "give either filenames (multipart upload) or urls (download), not both"),
-        ({"checkpoint_type": "Lora", "urls": ["http://x/a.pt"], "filenames": [{"filename": "a.pt", "parts_number": 1}]}, "not both"),
-        ({"checkpoint_type": "Lora", "filenames": [{"filename": "a.pt", "parts_number": 0}]}, "filenames.0.parts_number"),
-        ({"checkpoint_type": "Lora", "filenames": [{"filename": "a.pt", "parts_number": 101}]}, "filenames.0.parts_number"),
+        (
+            {
+                "checkpoint_type": "Lora",
+                "urls": ["http://x/a.pt"],
+                "filenames": [{"filename": "a.pt", "parts_number": 1}],
+            },
+            "not both",
+        ),
+        (
+            {"checkpoint_type": "Lora", "filenames": [{"filename": "a.pt", "parts_number": 0}]},
+            "filenames.0.parts_number",
+        ),
+        (
+            {"checkpoint_type": "Lora", "filenames": [{"filename": "a.pt", "parts_number": 101}]},
+            "filenames.0.parts_number",
+        ),
         ({"checkpoint_type": "Lora", "filenames": []}, "required minimum: 1"),
-        ({"checkpoint_type": "Lora", "filenames": [{"filename": "../../etc/passwd.pt", "parts_number": 1}]}, "is not a plain file name"),
-        ({"checkpoint_type": "Lora", "filenames": [{"filename": "a/b.pt", "parts_number": 1}]}, "is not a plain file name"),
+        (
+            {"checkpoint_type": "Lora", "filenames": [{"filename": "../../etc/passwd.pt", "parts_number": 1}]},
+            "is not a plain file name",
+        ),
+        (
+            {"checkpoint_type": "Lora", "filenames": [{"filename": "a/b.pt", "parts_number": 1}]},
+            "is not a plain file name",
+        ),
         ({"checkpoint_type": "Lora", "urls": []}, "required minimum: 1"),
         ({"checkpoint_type": "Lora", "urls": ["x"] * 21}, "maximum allowed: 20"),
         ({"checkpoint_type": "Lora", "urls": ["file:///etc/passwd"]}, "is not an http(s) URL"),
-        ({"checkpoint_type": "Lora", "filenames": [{"filename": "same.pt", "parts_number": 1}, {"filename": "same.pt", "parts_number": 1}]}, "same.pt is given twice"),
+        (
+            {
+                "checkpoint_type": "Lora",
+                "filenames": [{"filename": "same.pt", "parts_number": 1}, {"filename": "same.pt", "parts_number": 1}],
+            },
+            "same.pt is given twice",
+        ),
     ],
 )
 def test_bad_checkpoint_bodies_get_400(api, body, expected):
@@ -274,17 +368,27 @@ def test_bad_checkpoint_bodies_get_400(api, body, expected):
 
 
 def test_update_rules(api):
-    response = api("PUT", "/checkpoints/no-such-id", json={"status": "Active", "multi_parts_tags": {"a": [{"ETag": "x", "PartNumber": 1}]}})
+    response = api(
+        "PUT",
+        "/checkpoints/no-such-id",
+        json={"status": "Active", "multi_parts_tags": {"a": [{"ETag": "x", "PartNumber": 1}]}},
+    )
     assert response.status_code == 404
     assert response.json()["message"] == "checkpoint not found with id no-such-id"
 
     name = unique("r.pt")
-    created = api("POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]}).json()["data"]
+    created = api(
+        "POST", "/checkpoints", json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]}
+    ).json()["data"]
     checkpoint_id = created["checkpoint"]["id"]
     for tags in (None, {}):
         response = api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Active", "multi_parts_tags": tags})
         assert (response.status_code, response.json()["message"]) == (400, "multi parts tags is empty")
-    response = api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Active", "multi_parts_tags": {name: [{"ETag": '"bogus"', "PartNumber": 1}]}})
+    response = api(
+        "PUT",
+        f"/checkpoints/{checkpoint_id}",
+        json={"status": "Active", "multi_parts_tags": {name: [{"ETag": '"bogus"', "PartNumber": 1}]}},
+    )
     assert response.status_code == 400
     assert f"could not complete the upload of {name}" in response.json()["message"]
     response = api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Sleeping"})

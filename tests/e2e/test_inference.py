@@ -22,10 +22,18 @@ def unique(name: str) -> str:
 
 def upload_checkpoint(api, path, checkpoint_type: str, name: str) -> str:
     data = path.read_bytes()
-    created = api("POST", "/checkpoints", json={"checkpoint_type": checkpoint_type, "filenames": [{"filename": name, "parts_number": 1}]}).json()["data"]
+    created = api(
+        "POST",
+        "/checkpoints",
+        json={"checkpoint_type": checkpoint_type, "filenames": [{"filename": name, "parts_number": 1}]},
+    ).json()["data"]
     etag = httpx.put(created["s3PresignUrl"][name][0], content=data).headers["etag"]
     checkpoint_id = created["checkpoint"]["id"]
-    response = api("PUT", f"/checkpoints/{checkpoint_id}", json={"status": "Active", "multi_parts_tags": {name: [{"ETag": etag, "PartNumber": 1}]}})
+    response = api(
+        "PUT",
+        f"/checkpoints/{checkpoint_id}",
+        json={"status": "Active", "multi_parts_tags": {name: [{"ETag": etag, "PartNumber": 1}]}},
+    )
     assert response.status_code == 200, response.text
     return checkpoint_id
 
@@ -58,10 +66,18 @@ def wait_endpoint(api, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def async_endpoint(api, tiny_models):
-    response = api("POST", "/endpoints", json={
-        "endpoint_name": unique("async")[:20], "endpoint_type": "Async", "instance_type": "cpu",
-        "initial_instance_count": "1", "autoscaling_enabled": False, "assign_to_roles": ["IT Operator"],
-    })
+    response = api(
+        "POST",
+        "/endpoints",
+        json={
+            "endpoint_name": unique("async")[:20],
+            "endpoint_type": "Async",
+            "instance_type": "cpu",
+            "initial_instance_count": "1",
+            "autoscaling_enabled": False,
+            "assign_to_roles": ["IT Operator"],
+        },
+    )
     assert response.status_code == 202, response.text
     name = response.json()["data"]["endpoint_name"]
     assert response.json()["message"] == f"Endpoint deployment started: {name}"
@@ -72,14 +88,28 @@ def async_endpoint(api, tiny_models):
 
 
 def payload(**overrides) -> dict:
-    body = {"prompt": "a tiny red cube", "negative_prompt": "", "steps": 4, "sampler_name": "Euler a",
-            "cfg_scale": 7, "width": 64, "height": 64, "seed": 1234, "batch_size": 1, "n_iter": 1}
+    body = {
+        "prompt": "a tiny red cube",
+        "negative_prompt": "",
+        "steps": 4,
+        "sampler_name": "Euler a",
+        "cfg_scale": 7,
+        "width": 64,
+        "height": 64,
+        "seed": 1234,
+        "batch_size": 1,
+        "n_iter": 1,
+    }
     body.update(overrides)
     return body
 
 
 def run_async(api, endpoint: str, models: dict, body: dict, task: str = "txt2img") -> dict:
-    created = api("POST", "/inferences", json={"task_type": task, "inference_type": "Async", "models": models, "sagemaker_endpoint_name": endpoint})
+    created = api(
+        "POST",
+        "/inferences",
+        json={"task_type": task, "inference_type": "Async", "models": models, "sagemaker_endpoint_name": endpoint},
+    )
     assert created.status_code == 201, created.text
     inference = created.json()["data"]["inference"]
     assert httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(body).encode()).status_code == 200
@@ -87,8 +117,12 @@ def run_async(api, endpoint: str, models: dict, body: dict, task: str = "txt2img
     assert started.status_code == 202, started.text
     assert started.json()["data"]["inference"]["status"] == "inprogress"
     return wait_for(
-        lambda: (job := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed") and job,
-        timeout=120, what="the job",
+        lambda: (
+            (job := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed")
+            and job
+        ),
+        timeout=120,
+        what="the job",
     )
 
 
@@ -103,7 +137,12 @@ def test_every_worker_takes_one_job_at_a_time(stack, async_endpoint):
 
 
 def test_async_txt2img_reports_batch_size_images_of_the_requested_size(api, async_endpoint, tiny_models):
-    job = run_async(api, async_endpoint, {"Stable-diffusion": [tiny_models["model"]], "VAE": ["Automatic"]}, payload(batch_size=2, width=64, height=96))
+    job = run_async(
+        api,
+        async_endpoint,
+        {"Stable-diffusion": [tiny_models["model"]], "VAE": ["Automatic"]},
+        payload(batch_size=2, width=64, height=96),
+    )
     assert job["status"] == "succeed", job.get("error")
     assert job["image_names"] == ["image_0.png", "image_1.png"]
     images = images_of(job)
@@ -163,28 +202,61 @@ def test_a_task_the_workers_cannot_run_fails_clearly(api, async_endpoint, tiny_m
 
 
 def test_payload_may_carry_infinity(api, async_endpoint, tiny_models):
-    created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "sagemaker_endpoint_name": async_endpoint})
+    created = api(
+        "POST",
+        "/inferences",
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "models": {"Stable-diffusion": [tiny_models["model"]]},
+            "sagemaker_endpoint_name": async_endpoint,
+        },
+    )
     inference = created.json()["data"]["inference"]
     text = json.dumps(payload()).replace("}", ', "s_tmax": Infinity}')
     httpx.put(inference["api_params_s3_upload_url"], content=text.encode())
     api("PUT", f"/inferences/{inference['id']}/start")
-    job = wait_for(lambda: (j := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed") and j, timeout=120)
+    job = wait_for(
+        lambda: (
+            (j := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed") and j
+        ),
+        timeout=120,
+    )
     assert job["status"] == "succeed", job.get("error")
 
 
 def test_one_api_async_answers_202_and_finishes(api, async_endpoint, tiny_models):
-    response = api("POST", "/inferences", json={
-        "task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]},
-        "sagemaker_endpoint_name": async_endpoint, "payload_string": json.dumps(payload()),
-    })
+    response = api(
+        "POST",
+        "/inferences",
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "models": {"Stable-diffusion": [tiny_models["model"]]},
+            "sagemaker_endpoint_name": async_endpoint,
+            "payload_string": json.dumps(payload()),
+        },
+    )
     assert response.status_code == 202, response.text
     inference_id = response.json()["data"]["inference"]["inference_id"]
-    job = wait_for(lambda: (j := api("GET", f"/inferences/{inference_id}").json()["data"])["status"] == "succeed" and j, timeout=120)
+    job = wait_for(
+        lambda: (j := api("GET", f"/inferences/{inference_id}").json()["data"])["status"] == "succeed" and j,
+        timeout=120,
+    )
     assert len(job["img_presigned_urls"]) == 1
 
 
 def test_a_client_bound_to_the_events_sees_started_progress_and_succeeded(api, stack, async_endpoint, tiny_models):
-    created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "sagemaker_endpoint_name": async_endpoint})
+    created = api(
+        "POST",
+        "/inferences",
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "models": {"Stable-diffusion": [tiny_models["model"]]},
+            "sagemaker_endpoint_name": async_endpoint,
+        },
+    )
     inference = created.json()["data"]["inference"]
     httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(payload(steps=6)).encode())
     exchange = f"{stack.env['ESD_BROKER_PREFIX']}esd.events"
@@ -198,8 +270,14 @@ def test_a_client_bound_to_the_events_sees_started_progress_and_succeeded(api, s
 
 
 def create_endpoint(api, **body) -> str:
-    defaults = {"endpoint_name": unique("ep")[:20], "endpoint_type": "Async", "instance_type": "cpu",
-                "initial_instance_count": 1, "autoscaling_enabled": False, "assign_to_roles": ["IT Operator"]}
+    defaults = {
+        "endpoint_name": unique("ep")[:20],
+        "endpoint_type": "Async",
+        "instance_type": "cpu",
+        "initial_instance_count": 1,
+        "autoscaling_enabled": False,
+        "assign_to_roles": ["IT Operator"],
+    }
     response = api("POST", "/endpoints", json={**defaults, **body})
     assert response.status_code == 202, response.text
     return response.json()["data"]["endpoint_name"]
@@ -210,7 +288,15 @@ def test_real_time_txt2img_answers_200_with_the_images(api, tiny_models):
     assert name.startswith("esd-real-time-")
     try:
         wait_endpoint(api, name)
-        created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Real-time", "models": {"Stable-diffusion": [tiny_models["model"]]}})
+        created = api(
+            "POST",
+            "/inferences",
+            json={
+                "task_type": "txt2img",
+                "inference_type": "Real-time",
+                "models": {"Stable-diffusion": [tiny_models["model"]]},
+            },
+        )
         inference = created.json()["data"]["inference"]
         httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(payload()).encode())
         response = api("PUT", f"/inferences/{inference['id']}/start")
@@ -220,7 +306,16 @@ def test_real_time_txt2img_answers_200_with_the_images(api, tiny_models):
         assert job["inference_type"] == "Real-time"
         assert images_of(job)[0].size == (64, 64)
         # the one API, Real-time: 200 with the finished job in one call
-        response = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Real-time", "models": {"Stable-diffusion": [tiny_models["model"]]}, "payload_string": json.dumps(payload(seed=3))})
+        response = api(
+            "POST",
+            "/inferences",
+            json={
+                "task_type": "txt2img",
+                "inference_type": "Real-time",
+                "models": {"Stable-diffusion": [tiny_models["model"]]},
+                "payload_string": json.dumps(payload(seed=3)),
+            },
+        )
         assert response.status_code == 200, response.text
         assert response.json()["data"]["status"] == "succeed"
     finally:
@@ -230,7 +325,9 @@ def test_real_time_txt2img_answers_200_with_the_images(api, tiny_models):
 def worker_pids(endpoint: str) -> list[int]:
     import subprocess
 
-    found = subprocess.run(["pgrep", "-f", f"services.inference.worker --endpoint {endpoint} "], capture_output=True, text=True)
+    found = subprocess.run(
+        ["pgrep", "-f", f"services.inference.worker --endpoint {endpoint} "], capture_output=True, text=True
+    )
     return [int(pid) for pid in found.stdout.split()]
 
 
@@ -241,14 +338,37 @@ def test_a_worker_killed_mid_job_loses_nothing(api, tiny_models):
     name = create_endpoint(api)
     try:
         wait_endpoint(api, name)
-        created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "sagemaker_endpoint_name": name})
+        created = api(
+            "POST",
+            "/inferences",
+            json={
+                "task_type": "txt2img",
+                "inference_type": "Async",
+                "models": {"Stable-diffusion": [tiny_models["model"]]},
+                "sagemaker_endpoint_name": name,
+            },
+        )
         inference = created.json()["data"]["inference"]
-        httpx.put(inference["api_params_s3_upload_url"], content=json.dumps(payload(steps=150, width=256, height=256, seed=9)).encode())
+        httpx.put(
+            inference["api_params_s3_upload_url"],
+            content=json.dumps(payload(steps=150, width=256, height=256, seed=9)).encode(),
+        )
         api("PUT", f"/inferences/{inference['id']}/start")
-        wait_for(lambda: api("GET", f"/inferences/{inference['id']}").json()["data"].get("progress"), timeout=120, what="the job to be running")
+        wait_for(
+            lambda: api("GET", f"/inferences/{inference['id']}").json()["data"].get("progress"),
+            timeout=120,
+            what="the job to be running",
+        )
         (victim,) = worker_pids(name)
         os.kill(victim, signal.SIGKILL)
-        job = wait_for(lambda: (j := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed") and j, timeout=300, what="the redelivered job")
+        job = wait_for(
+            lambda: (
+                (j := api("GET", f"/inferences/{inference['id']}").json()["data"])["status"] in ("succeed", "failed")
+                and j
+            ),
+            timeout=300,
+            what="the redelivered job",
+        )
         assert job["status"] == "succeed", job.get("error")
         assert job["image_names"] == ["image_0.png"]
         assert victim not in worker_pids(name)  # the pool replaced the dead worker
@@ -264,7 +384,11 @@ def test_an_async_pool_at_zero_starts_a_worker_when_work_arrives(api, tiny_model
         def listed():
             return next(e for e in api("GET", "/endpoints").json()["data"]["endpoints"] if e["endpoint_name"] == name)
 
-        wait_for(lambda: listed()["current_instance_count"] == "0" and not worker_pids(name), timeout=60, what="the pool to scale to zero")
+        wait_for(
+            lambda: listed()["current_instance_count"] == "0" and not worker_pids(name),
+            timeout=60,
+            what="the pool to scale to zero",
+        )
         job = run_async(api, name, {"Stable-diffusion": [tiny_models["model"]]}, payload())
         assert job["status"] == "succeed", job.get("error")
     finally:
@@ -272,7 +396,9 @@ def test_an_async_pool_at_zero_starts_a_worker_when_work_arrives(api, tiny_model
 
 
 def test_endpoint_listing_shows_the_live_instance_count(api, async_endpoint):
-    (endpoint,) = [e for e in api("GET", "/endpoints").json()["data"]["endpoints"] if e["endpoint_name"] == async_endpoint]
+    (endpoint,) = [
+        e for e in api("GET", "/endpoints").json()["data"]["endpoints"] if e["endpoint_name"] == async_endpoint
+    ]
     assert endpoint["current_instance_count"] == "1"
     assert endpoint["endpoint_type"] == "Async"
     assert endpoint["owner_group_or_role"] == ["IT Operator"]
@@ -281,13 +407,47 @@ def test_endpoint_listing_shows_the_live_instance_count(api, async_endpoint):
 @pytest.mark.parametrize(
     "body, expected",
     [
-        ({"endpoint_type": "Async"}, 'object has missing required properties (["assign_to_roles","initial_instance_count","instance_type"])'),
-        ({"endpoint_type": "Batch", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": ["a"]}, "endpoint_type: Input should be"),
-        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 0, "assign_to_roles": ["a"]}, "initial_instance_count"),
-        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": "two", "assign_to_roles": ["a"]}, "initial_instance_count"),
-        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": []}, "required minimum: 1"),
-        ({"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": ["a"], "endpoint_name": "x" * 21}, "endpoint_name"),
-        ({"endpoint_type": "Real-time", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": ["a"], "autoscaling_enabled": True, "min_instance_number": 0}, "needs min_instance_number >= 1"),
+        (
+            {"endpoint_type": "Async"},
+            'object has missing required properties (["assign_to_roles","initial_instance_count","instance_type"])',
+        ),
+        (
+            {"endpoint_type": "Batch", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": ["a"]},
+            "endpoint_type: Input should be",
+        ),
+        (
+            {"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 0, "assign_to_roles": ["a"]},
+            "initial_instance_count",
+        ),
+        (
+            {"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": "two", "assign_to_roles": ["a"]},
+            "initial_instance_count",
+        ),
+        (
+            {"endpoint_type": "Async", "instance_type": "x", "initial_instance_count": 1, "assign_to_roles": []},
+            "required minimum: 1",
+        ),
+        (
+            {
+                "endpoint_type": "Async",
+                "instance_type": "x",
+                "initial_instance_count": 1,
+                "assign_to_roles": ["a"],
+                "endpoint_name": "x" * 21,
+            },
+            "endpoint_name",
+        ),
+        (
+            {
+                "endpoint_type": "Real-time",
+                "instance_type": "x",
+                "initial_instance_count": 1,
+                "assign_to_roles": ["a"],
+                "autoscaling_enabled": True,
+                "min_instance_number": 0,
+            },
+            "needs min_instance_number >= 1",
+        ),
     ],
 )
 def test_bad_endpoint_bodies_get_400(api, body, expected):
@@ -298,25 +458,81 @@ def test_bad_endpoint_bodies_get_400(api, body, expected):
 
 def test_the_same_endpoint_name_twice_is_refused(api, async_endpoint):
     short = async_endpoint.removeprefix("esd-async-")
-    response = api("POST", "/endpoints", json={"endpoint_name": short, "endpoint_type": "Async", "instance_type": "cpu", "initial_instance_count": 1, "assign_to_roles": ["IT Operator"]})
+    response = api(
+        "POST",
+        "/endpoints",
+        json={
+            "endpoint_name": short,
+            "endpoint_type": "Async",
+            "instance_type": "cpu",
+            "initial_instance_count": 1,
+            "assign_to_roles": ["IT Operator"],
+        },
+    )
     assert (response.status_code, response.json()["message"]) == (400, "Cannot create already existing model")
 
 
 def test_inference_rules(api, async_endpoint, tiny_models):
     response = api("POST", "/inferences", json={"task_type": "paint", "inference_type": "Async", "models": {}})
-    assert response.json()["message"] == "task type paint should be in ['extra-single-image', 'extra-batch-images', 'rembg'] or ['txt2img', 'img2img']"
-    response = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": ["nope.safetensors"], "Lora": ["gone.safetensors"]}})
-    assert response.json()["message"] == "checkpoint with name nope.safetensors, type Stable-diffusion is not found checkpoint with name gone.safetensors, type Lora is not found"
-    response = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}, "payload_string": "{not json"})
+    assert (
+        response.json()["message"]
+        == "task type paint should be in ['extra-single-image', 'extra-batch-images', 'rembg'] or ['txt2img', 'img2img']"
+    )
+    response = api(
+        "POST",
+        "/inferences",
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "models": {"Stable-diffusion": ["nope.safetensors"], "Lora": ["gone.safetensors"]},
+        },
+    )
+    assert (
+        response.json()["message"]
+        == "checkpoint with name nope.safetensors, type Stable-diffusion is not found checkpoint with name gone.safetensors, type Lora is not found"
+    )
+    response = api(
+        "POST",
+        "/inferences",
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "models": {"Stable-diffusion": [tiny_models["model"]]},
+            "payload_string": "{not json",
+        },
+    )
     assert response.json()["message"] == "payload_string must be valid json string"
     stranger = unique("stranger")
     api("POST", "/roles", json={"role_name": stranger, "permissions": ["inference:all"]})
     api("POST", "/users", json={"username": stranger, "password": "pw", "roles": [stranger]})
-    response = api("POST", "/inferences", user=stranger, json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}})
+    response = api(
+        "POST",
+        "/inferences",
+        user=stranger,
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "models": {"Stable-diffusion": [tiny_models["model"]]},
+        },
+    )
     assert response.json()["message"] == f'no available Async endpoints for user "{stranger}"'
-    assert api("PUT", "/inferences/no-such-job/start").json() == {"statusCode": 400, "message": "InferenceJobId no-such-job not found"}
-    assert api("GET", "/inferences/no-such-job").json() == {"statusCode": 404, "message": "inference with id no-such-job not found"}
-    created = api("POST", "/inferences", json={"task_type": "txt2img", "inference_type": "Async", "models": {"Stable-diffusion": [tiny_models["model"]]}}).json()["data"]["inference"]
+    assert api("PUT", "/inferences/no-such-job/start").json() == {
+        "statusCode": 400,
+        "message": "InferenceJobId no-such-job not found",
+    }
+    assert api("GET", "/inferences/no-such-job").json() == {
+        "statusCode": 404,
+        "message": "inference with id no-such-job not found",
+    }
+    created = api(
+        "POST",
+        "/inferences",
+        json={
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "models": {"Stable-diffusion": [tiny_models["model"]]},
+        },
+    ).json()["data"]["inference"]
     response = api("PUT", f"/inferences/{created['id']}/start")
     assert response.status_code == 400
     assert "api_param.json has not been uploaded" in response.json()["message"]
@@ -327,7 +543,13 @@ def test_listing_and_deleting_inferences(api, async_endpoint, tiny_models):
     page = api("GET", "/inferences", params={"limit": 2}).json()["data"]
     assert len(page["inferences"]) <= 2
     if page["last_evaluated_key"]:
-        more = api("GET", "/inferences", params={"limit": 2, "exclusive_start_key": page["last_evaluated_key"]}).json()["data"]
-        assert {j["InferenceJobId"] for j in more["inferences"]}.isdisjoint({j["InferenceJobId"] for j in page["inferences"]})
-    assert api("DELETE", "/inferences", json={"inference_id_list": [job["InferenceJobId"], "unknown"]}).status_code == 204
+        more = api("GET", "/inferences", params={"limit": 2, "exclusive_start_key": page["last_evaluated_key"]}).json()[
+            "data"
+        ]
+        assert {j["InferenceJobId"] for j in more["inferences"]}.isdisjoint(
+            {j["InferenceJobId"] for j in page["inferences"]}
+        )
+    assert (
+        api("DELETE", "/inferences", json={"inference_id_list": [job["InferenceJobId"], "unknown"]}).status_code == 204
+    )
     assert api("GET", f"/inferences/{job['InferenceJobId']}").status_code == 404

@@ -25,7 +25,9 @@ def test_restart_keeps_users_and_roles_and_up_twice_starts_nothing_twice(tmp_pat
     try:
         api = Api(stack)
         assert api("POST", "/roles", json={"role_name": "Keeper", "permissions": ["train:list"]}).status_code == 201
-        assert api("POST", "/users", json={"username": "kept", "password": "pw", "roles": ["Keeper"]}).status_code == 201
+        assert (
+            api("POST", "/users", json={"username": "kept", "password": "pw", "roles": ["Keeper"]}).status_code == 201
+        )
 
         started = pids(stack)
         assert {"gateway", "identity", "nx-27017"} <= set(started)

@@ -39,11 +39,19 @@ def base_model(api, tmp_path_factory):
 
 def make_dataset(api, name: str, count: int = 4) -> None:
     files = [f"img{i}.png" for i in range(count)] + [f"img{i}.txt" for i in range(count)]
-    response = api("POST", "/datasets", json={
-        "dataset_name": name, "prefix": "2_cube",
-        "content": [{"filename": f, "name": f, "type": "image" if f.endswith(".png") else "text", "params": {}} for f in files],
-        "params": {"description": "red cubes"},
-    })
+    response = api(
+        "POST",
+        "/datasets",
+        json={
+            "dataset_name": name,
+            "prefix": "2_cube",
+            "content": [
+                {"filename": f, "name": f, "type": "image" if f.endswith(".png") else "text", "params": {}}
+                for f in files
+            ],
+            "params": {"description": "red cubes"},
+        },
+    )
     assert response.status_code == 201, response.text
     assert response.json()["data"]["datasetName"] == name
     urls = response.json()["data"]["s3PresignUrl"]
@@ -63,23 +71,37 @@ def test_train_a_lora_then_generate_with_it(api, storage, base_model):
     files = api("GET", f"/datasets/{dataset}").json()["data"]["data"]
     assert len(files) == 8 and all(f["preview_url"].startswith("http") for f in files)
 
-    response = api("POST", "/trainings", json={
-        "lora_train_type": "kohya",
-        "params": {
-            "training_params": {"training_instance_type": "local", "fm_type": "sd_1_5", "model": base_model, "dataset": dataset},
-            "config_params": {"saving_arguments": {"output_name": output_name, "save_every_n_epochs": 1},
-                              "training_arguments": {"max_train_epochs": 2, "learning_rate": 1e-3, "train_batch_size": 1},
-                              "additional_network_arguments": {"network_dim": 4, "network_alpha": 4},
-                              "dataset_arguments": {"resolution": 64}},
+    response = api(
+        "POST",
+        "/trainings",
+        json={
+            "lora_train_type": "kohya",
+            "params": {
+                "training_params": {
+                    "training_instance_type": "local",
+                    "fm_type": "sd_1_5",
+                    "model": base_model,
+                    "dataset": dataset,
+                },
+                "config_params": {
+                    "saving_arguments": {"output_name": output_name, "save_every_n_epochs": 1},
+                    "training_arguments": {"max_train_epochs": 2, "learning_rate": 1e-3, "train_batch_size": 1},
+                    "additional_network_arguments": {"network_dim": 4, "network_alpha": 4},
+                    "dataset_arguments": {"resolution": 64},
+                },
+            },
         },
-    })
+    )
     assert response.status_code == 201, response.text
     training_id = response.json()["data"]["id"]
     assert response.json()["data"]["status"] == "Initial"
 
     training = wait_for(
-        lambda: (t := api("GET", f"/trainings/{training_id}").json()["data"])["job_status"] in ("Completed", "Failed") and t,
-        timeout=300, what="the training",
+        lambda: (
+            (t := api("GET", f"/trainings/{training_id}").json()["data"])["job_status"] in ("Completed", "Failed") and t
+        ),
+        timeout=300,
+        what="the training",
     )
     assert training["job_status"] == "Completed", training.get("error")
     assert training["checkpoint_id"]
@@ -92,13 +114,26 @@ def test_train_a_lora_then_generate_with_it(api, storage, base_model):
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
     assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in keys)
 
-    endpoint = api("POST", "/endpoints", json={"endpoint_name": unique("tr")[:20], "endpoint_type": "Async", "instance_type": "cpu",
-                                               "initial_instance_count": 1, "assign_to_roles": ["IT Operator"]}).json()["data"]["endpoint_name"]
+    endpoint = api(
+        "POST",
+        "/endpoints",
+        json={
+            "endpoint_name": unique("tr")[:20],
+            "endpoint_type": "Async",
+            "instance_type": "cpu",
+            "initial_instance_count": 1,
+            "assign_to_roles": ["IT Operator"],
+        },
+    ).json()["data"]["endpoint_name"]
     try:
         wait_endpoint(api, endpoint)
         plain = run_async(api, endpoint, {"Stable-diffusion": [base_model]}, payload(seed=11))
-        styled = run_async(api, endpoint, {"Stable-diffusion": [base_model], "Lora": [f"{output_name}.safetensors"]},
-                           payload(seed=11, prompt=f"a tiny red cube <lora:{output_name}:1>"))
+        styled = run_async(
+            api,
+            endpoint,
+            {"Stable-diffusion": [base_model], "Lora": [f"{output_name}.safetensors"]},
+            payload(seed=11, prompt=f"a tiny red cube <lora:{output_name}:1>"),
+        )
         assert styled["status"] == "succeed", styled.get("error")
         assert images_of(plain)[0].tobytes() != images_of(styled)[0].tobytes()
     finally:
@@ -121,10 +156,16 @@ def safe_open_bytes(data: bytes):
 def test_a_bad_config_is_refused_when_the_training_is_created(api, base_model):
     dataset = unique("badconfig")
     make_dataset(api, dataset, count=1)
-    response = api("POST", "/trainings", json={"params": {
-        "training_params": {"model": base_model, "dataset": dataset},
-        "config_params": {"training": {"max_train_epochs": "forever"}},
-    }})
+    response = api(
+        "POST",
+        "/trainings",
+        json={
+            "params": {
+                "training_params": {"model": base_model, "dataset": dataset},
+                "config_params": {"training": {"max_train_epochs": "forever"}},
+            }
+        },
+    )
     assert response.status_code == 400
     assert "config_params.max_train_epochs" in response.json()["message"]
 
@@ -133,12 +174,23 @@ def test_a_training_that_breaks_while_running_ends_failed_with_the_reason(api, b
     dataset = unique("bad")
     make_dataset(api, dataset, count=1)
     # the base model is SD 1.x: only loading it tells that it is not the SDXL the job says
-    response = api("POST", "/trainings", json={"params": {
-        "training_params": {"model": base_model, "dataset": dataset, "fm_type": "sd_xl"},
-        "config_params": {"training": {"resolution": 64}},
-    }})
+    response = api(
+        "POST",
+        "/trainings",
+        json={
+            "params": {
+                "training_params": {"model": base_model, "dataset": dataset, "fm_type": "sd_xl"},
+                "config_params": {"training": {"resolution": 64}},
+            }
+        },
+    )
     training_id = response.json()["data"]["id"]
-    training = wait_for(lambda: (t := api("GET", f"/trainings/{training_id}").json()["data"])["job_status"] in ("Completed", "Failed") and t, timeout=120)
+    training = wait_for(
+        lambda: (
+            (t := api("GET", f"/trainings/{training_id}").json()["data"])["job_status"] in ("Completed", "Failed") and t
+        ),
+        timeout=120,
+    )
     assert training["job_status"] == "Failed"
     assert "fm_type" in training["error"]
 
@@ -146,19 +198,26 @@ def test_a_training_that_breaks_while_running_ends_failed_with_the_reason(api, b
 @pytest.mark.parametrize(
     "training_params, expected",
     [
-        ({"model": "no-such-model.safetensors", "dataset": "x"}, "checkpoint with name no-such-model.safetensors, type Stable-diffusion is not found"),
+        (
+            {"model": "no-such-model.safetensors", "dataset": "x"},
+            "checkpoint with name no-such-model.safetensors, type Stable-diffusion is not found",
+        ),
         ({"dataset": "x"}, "needs the base model"),
         ({"model": "m", "dataset": "x", "fm_type": "sd_3"}, "fm_type sd_3 should be in"),
     ],
 )
 def test_a_training_without_its_model_or_data_is_refused(api, training_params, expected):
-    response = api("POST", "/trainings", json={"lora_train_type": "kohya", "params": {"training_params": training_params}})
+    response = api(
+        "POST", "/trainings", json={"lora_train_type": "kohya", "params": {"training_params": training_params}}
+    )
     assert response.status_code == 400
     assert expected in response.json()["message"]
 
 
 def test_a_training_on_an_unknown_dataset_is_refused(api, base_model):
-    response = api("POST", "/trainings", json={"params": {"training_params": {"model": base_model, "dataset": "no-such-dataset"}}})
+    response = api(
+        "POST", "/trainings", json={"params": {"training_params": {"model": base_model, "dataset": "no-such-dataset"}}}
+    )
     assert (response.status_code, response.json()["message"]) == (400, "dataset no-such-dataset is not found")
 
 
@@ -171,7 +230,10 @@ def test_dataset_rules(api):
     assert response.status_code == 400
     name = unique("gone")
     api("POST", "/datasets", json={"dataset_name": name, "content": [{"filename": "a.png"}]})
-    assert api("POST", "/datasets", json={"dataset_name": name, "content": [{"filename": "a.png"}]}).json()["message"] == f"dataset {name} already exists"
+    assert (
+        api("POST", "/datasets", json={"dataset_name": name, "content": [{"filename": "a.png"}]}).json()["message"]
+        == f"dataset {name} already exists"
+    )
     assert api("DELETE", "/datasets", json={"dataset_name_list": [name, "never"]}).status_code == 204
     assert api("GET", f"/datasets/{name}").status_code == 404
 
@@ -187,17 +249,34 @@ def test_a_killed_training_worker_loses_nothing_and_progress_is_announced(api, s
     make_dataset(api, dataset, count=2)
     exchange = f"{stack.env['ESD_BROKER_PREFIX']}esd.events"
     with EventListener(stack.amqp_url, exchange, "training.#") as events:
-        response = api("POST", "/trainings", json={"params": {
-            "training_params": {"model": base_model, "dataset": dataset},
-            "config_params": {"training": {"output_name": output_name, "max_train_steps": 1500, "resolution": 64}},
-        }})
+        response = api(
+            "POST",
+            "/trainings",
+            json={
+                "params": {
+                    "training_params": {"model": base_model, "dataset": dataset},
+                    "config_params": {
+                        "training": {"output_name": output_name, "max_train_steps": 1500, "resolution": 64}
+                    },
+                }
+            },
+        )
         training_id = response.json()["data"]["id"]
-        wait_for(lambda: api("GET", f"/trainings/{training_id}").json()["data"].get("progress"), timeout=120, what="training to run")
-        found = subprocess.run(["pgrep", "-f", "services.training.worker "], capture_output=True, text=True).stdout.split()
+        wait_for(
+            lambda: api("GET", f"/trainings/{training_id}").json()["data"].get("progress"),
+            timeout=120,
+            what="training to run",
+        )
+        found = subprocess.run(
+            ["pgrep", "-f", "services.training.worker "], capture_output=True, text=True
+        ).stdout.split()
         assert found, "no training worker process"
         for pid in found:
             os.kill(int(pid), signal.SIGKILL)
-        seen = events.until(lambda key, body: key in ("training.completed", "training.failed") and body["training_id"] == training_id, timeout=300)
+        seen = events.until(
+            lambda key, body: key in ("training.completed", "training.failed") and body["training_id"] == training_id,
+            timeout=300,
+        )
     keys = [key for key, body in seen if body["training_id"] == training_id]
     assert "training.progress" in keys
     assert keys[-1] == "training.completed"

@@ -52,7 +52,12 @@ def test_admin_sees_itself_with_every_permission_and_no_password(api):
     assert admin["roles"] == ["IT Operator"]
     assert admin["password"] == "********"
     assert set(admin["permissions"]) == {
-        "train:all", "checkpoint:all", "inference:all", "sagemaker_endpoint:all", "user:all", "role:all",
+        "train:all",
+        "checkpoint:all",
+        "inference:all",
+        "sagemaker_endpoint:all",
+        "user:all",
+        "role:all",
     }
 
 
@@ -65,7 +70,11 @@ def test_bootstrap_roles_exist(api):
 
 def test_a_designer_role_and_user_from_creation_to_deletion(api):
     role, user = unique("Designer"), unique("dana")
-    response = api("POST", "/roles", json={"role_name": role, "permissions": ["inference:all", "checkpoint:list"], "creator": "admin"})
+    response = api(
+        "POST",
+        "/roles",
+        json={"role_name": role, "permissions": ["inference:all", "checkpoint:list"], "creator": "admin"},
+    )
     assert response.status_code == 201
     assert response.json()["message"] == "role created"
     assert response.json()["data"]["permissions"] == ["inference:all", "checkpoint:list"]
@@ -136,7 +145,12 @@ def test_unknown_role_for_a_user_is_refused(api):
     [
         ("POST", "/users", {"roles": []}, 'object has missing required properties (["password","username"])'),
         ("POST", "/users", {"username": "", "password": "x"}, "required minimum: 1"),
-        ("POST", "/users", {"username": "x", "password": "x", "roles": "IT Operator"}, "roles: Input should be a valid list"),
+        (
+            "POST",
+            "/users",
+            {"username": "x", "password": "x", "roles": "IT Operator"},
+            "roles: Input should be a valid list",
+        ),
         ("POST", "/users", {"username": ["x"], "password": "x"}, "username: Input should be a valid string"),
         ("POST", "/roles", {"role_name": "r"}, 'object has missing required properties (["permissions"])'),
         ("POST", "/roles", {"role_name": "r", "permissions": []}, "required minimum: 1"),

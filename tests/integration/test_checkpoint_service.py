@@ -56,7 +56,10 @@ async def wait_settled(rpc, checkpoint_id: str) -> CheckpointItem:
 
 async def test_internal_addresses_are_refused_by_default(rpc, file_server):
     (file_server.folder / "inside.safetensors").write_bytes(b"x" * 100)
-    created = await rpc.call(CREATE_CHECKPOINT, CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/inside.safetensors"], actor=ADMIN))
+    created = await rpc.call(
+        CREATE_CHECKPOINT,
+        CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/inside.safetensors"], actor=ADMIN),
+    )
     item = await wait_settled(rpc, created.checkpoints[0].id)
     assert item.status == "Failed"
     assert "resolves to the internal address 127.0.0.1" in item.error
@@ -64,12 +67,20 @@ async def test_internal_addresses_are_refused_by_default(rpc, file_server):
 
 async def test_activation_and_deletion_are_announced(service, rpc, event_log):
     events = await event_log(service, "checkpoint.*")
-    created = await rpc.call(CREATE_CHECKPOINT, CreateCheckpoint(checkpoint_type="VAE", filenames=[MultipartFile(filename="announce.pt", parts_number=1)], actor=ADMIN))
+    created = await rpc.call(
+        CREATE_CHECKPOINT,
+        CreateCheckpoint(
+            checkpoint_type="VAE", filenames=[MultipartFile(filename="announce.pt", parts_number=1)], actor=ADMIN
+        ),
+    )
     async with httpx.AsyncClient() as client:
         response = await client.put(created.s3PresignUrl["announce.pt"][0], content=b"vae weights")
     tags = {"announce.pt": [PartTag(ETag=response.headers["etag"], PartNumber=1)]}
     checkpoint_id = created.checkpoint.id
-    await rpc.call(UPDATE_CHECKPOINT, UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN))
+    await rpc.call(
+        UPDATE_CHECKPOINT,
+        UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN),
+    )
     activated = await events.next("checkpoint.activated")
     assert activated == {
         "checkpoint_id": checkpoint_id,
@@ -79,7 +90,10 @@ async def test_activation_and_deletion_are_announced(service, rpc, event_log):
         "allowed_roles": ["IT Operator"],
     }
     # activating again (a client retrying) changes and announces nothing
-    await rpc.call(UPDATE_CHECKPOINT, UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN))
+    await rpc.call(
+        UPDATE_CHECKPOINT,
+        UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN),
+    )
     await rpc.call(DELETE_CHECKPOINTS, DeleteCheckpoints(checkpoint_id_list=[checkpoint_id], actor=ADMIN))
     assert (await events.next("checkpoint.deleted"))["checkpoint_id"] == checkpoint_id
 
@@ -89,7 +103,12 @@ async def test_a_message_that_cannot_be_handled_goes_to_the_dead_letter_queue(se
     broker: RabbitBroker = create_broker(service)
     await broker.connect()
     try:
-        await broker.publish(json.dumps({"not": "a download"}), queue=names.work_queue(DOWNLOADS), persist=True, content_type="application/json")
+        await broker.publish(
+            json.dumps({"not": "a download"}),
+            queue=names.work_queue(DOWNLOADS),
+            persist=True,
+            content_type="application/json",
+        )
         dead = await broker.declare_queue(names.dead_letter_queue(DOWNLOADS))
 
         async def dead_lettered():
@@ -106,7 +125,10 @@ async def test_a_redelivered_download_of_a_settled_checkpoint_does_nothing(servi
     from shared.contracts.checkpoint import DownloadCheckpoint
     from shared.messaging import send_work
 
-    created = await rpc.call(CREATE_CHECKPOINT, CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/never.safetensors"], actor=ADMIN))
+    created = await rpc.call(
+        CREATE_CHECKPOINT,
+        CreateCheckpoint(checkpoint_type="Lora", urls=[f"{file_server.url}/files/never.safetensors"], actor=ADMIN),
+    )
     first = await wait_settled(rpc, created.checkpoints[0].id)
     broker = create_broker(service)
     await broker.connect()
@@ -115,4 +137,3 @@ async def test_a_redelivered_download_of_a_settled_checkpoint_does_nothing(servi
     await asyncio.sleep(0.5)
     again = await rpc.call(GET_CHECKPOINT, GetCheckpoint(actor=ADMIN, checkpoint_id=first.id))
     assert (again.status, again.error) == (first.status, first.error)
-

@@ -69,8 +69,15 @@ async def inference(settings_factory):
 
 
 def body(**overrides):
-    values = {"endpoint_name": "life", "endpoint_type": "Async", "instance_type": "cpu", "initial_instance_count": 2,
-              "autoscaling_enabled": False, "assign_to_roles": ["IT Operator"], "actor": ADMIN}
+    values = {
+        "endpoint_name": "life",
+        "endpoint_type": "Async",
+        "instance_type": "cpu",
+        "initial_instance_count": 2,
+        "autoscaling_enabled": False,
+        "assign_to_roles": ["IT Operator"],
+        "actor": ADMIN,
+    }
     values.update(overrides)
     return CreateEndpoint(**values)
 
@@ -87,7 +94,9 @@ async def test_an_endpoint_whose_workers_never_come_up_fails_with_the_reason(inf
     assert "no worker reported ready within 0.5 s" in endpoint.error
 
     # a worker that comes up after all brings the endpoint into service
-    await endpoints.heartbeat(WorkerHeartbeat(pool="esd-async-life", worker_id="late", state=WorkerState.READY, at=time.time()))
+    await endpoints.heartbeat(
+        WorkerHeartbeat(pool="esd-async-life", worker_id="late", state=WorkerState.READY, at=time.time())
+    )
     endpoint = await endpoints.store.endpoint("esd-async-life")
     assert (endpoint.status, endpoint.error) == (EndpointStatus.IN_SERVICE, None)
     (listed,) = (await endpoints.list(ListEndpoints(actor=ADMIN))).endpoints

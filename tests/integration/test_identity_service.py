@@ -78,7 +78,9 @@ async def test_unknown_user_is_unauthorized(rpc):
 
 async def test_created_user_is_stored_with_a_hash_and_announced(identity, rpc, admin, event_log):
     events = await event_log(identity, "user.*")
-    await rpc.call(CREATE_USER, CreateUser(username="hashme", password="s3cret-pw", roles=["byoc"], actor=admin),
+    await rpc.call(
+        CREATE_USER,
+        CreateUser(username="hashme", password="s3cret-pw", roles=["byoc"], actor=admin),
     )
     client = mongo_client(identity)
     doc = await client[identity.database_name(SERVICE)].users.find_one({"username": "hashme"})
@@ -88,7 +90,9 @@ async def test_created_user_is_stored_with_a_hash_and_announced(identity, rpc, a
     created = await events.next("user.created")
     assert created == {"username": "hashme", "roles": ["byoc"], "creator": "admin"}
 
-    await rpc.call(CREATE_USER, CreateUser(username="hashme", password="other", roles=["IT Operator"], actor=admin),
+    await rpc.call(
+        CREATE_USER,
+        CreateUser(username="hashme", password="other", roles=["IT Operator"], actor=admin),
     )
     assert (await events.next("user.updated"))["roles"] == ["IT Operator"]
 
@@ -102,28 +106,30 @@ async def test_initial_user_is_created_once_and_never_changed(rpc):
 
 
 async def test_a_limited_creator_cannot_hand_out_more_than_it_has(rpc, admin):
-    await rpc.call(CREATE_ROLE, CreateRole(role_name="Lead", permissions=["user:create", "role:create", "train:list"], actor=admin),
+    await rpc.call(
+        CREATE_ROLE,
+        CreateRole(role_name="Lead", permissions=["user:create", "role:create", "train:list"], actor=admin),
     )
-    await rpc.call(CREATE_USER, CreateUser(username="lead", password="x", roles=["Lead"], actor=admin)
-    )
+    await rpc.call(CREATE_USER, CreateUser(username="lead", password="x", roles=["Lead"], actor=admin))
     lead = await rpc.call(AUTHENTICATE_USER, AuthenticateUser(username="lead"))
     with pytest.raises(Forbidden, match="lead has no permission to assign"):
-        await rpc.call(CREATE_USER, CreateUser(username="intern", password="x", roles=["IT Operator"], actor=lead),
+        await rpc.call(
+            CREATE_USER,
+            CreateUser(username="intern", password="x", roles=["IT Operator"], actor=lead),
         )
     with pytest.raises(Forbidden):
-        await rpc.call(CREATE_ROLE, CreateRole(role_name="Sneaky", permissions=["train:all"], actor=lead),
+        await rpc.call(
+            CREATE_ROLE,
+            CreateRole(role_name="Sneaky", permissions=["train:all"], actor=lead),
         )
-    role = await rpc.call(CREATE_ROLE, CreateRole(role_name="Trainee", permissions=["train:list"], actor=lead)
-    )
+    role = await rpc.call(CREATE_ROLE, CreateRole(role_name="Trainee", permissions=["train:list"], actor=lead))
     assert role.creator == "lead"
 
 
 async def test_deleting_a_role_removes_it_from_its_users(identity, rpc, admin, event_log):
     events = await event_log(identity, "role.*")
-    await rpc.call(CREATE_ROLE, CreateRole(role_name="Temp", permissions=["inference:list"], actor=admin)
-    )
-    await rpc.call(CREATE_USER, CreateUser(username="temp1", password="x", roles=["Temp", "byoc"], actor=admin)
-    )
+    await rpc.call(CREATE_ROLE, CreateRole(role_name="Temp", permissions=["inference:list"], actor=admin))
+    await rpc.call(CREATE_USER, CreateUser(username="temp1", password="x", roles=["Temp", "byoc"], actor=admin))
     await rpc.call(DELETE_ROLES, DeleteRoles(role_name_list=["Temp", "NoSuch"], actor=admin))
     users = await rpc.call(LIST_USERS, ListUsers(actor=admin, username="temp1"))
     assert users.users[0].roles == ["byoc"]
@@ -145,7 +151,5 @@ async def test_deleting_users_skips_unknown_names(rpc, admin):
 
 
 async def test_concurrent_commands_are_served(rpc, admin):
-    replies = await asyncio.gather(
-        *[rpc.call(LIST_USERS, ListUsers(actor=admin)) for _ in range(50)]
-    )
+    replies = await asyncio.gather(*[rpc.call(LIST_USERS, ListUsers(actor=admin)) for _ in range(50)])
     assert all(any(u.username == "admin" for u in reply.users) for reply in replies)

@@ -63,7 +63,9 @@ async def test_a_worker_runs_its_jobs_one_after_another_with_prefetch_one(chores
         async def failed(error: str) -> None:
             outcomes.append(f"failed {error}")
 
-        await runtime.job(CHORE_STARTED, ReportChoreStarted(number=chore.number), work, succeeded=succeeded, failed=failed)
+        await runtime.job(
+            CHORE_STARTED, ReportChoreStarted(number=chore.number), work, succeeded=succeeded, failed=failed
+        )
 
     serving = asyncio.create_task(runtime.serve(queue, Chore, handle))
     broker = create_broker(settings)

@@ -130,6 +130,9 @@ def test_page_count_rounds_up():
 
 def test_a_body_names_one_source():
     CreateCheckpointBody.model_validate({"checkpoint_type": "VAE", "urls": ["http://h/a.pt"]})
-    for body in ({"checkpoint_type": "VAE"}, {"checkpoint_type": "VAE", "urls": ["u"], "filenames": [{"filename": "a.pt", "parts_number": 1}]}):
+    for body in (
+        {"checkpoint_type": "VAE"},
+        {"checkpoint_type": "VAE", "urls": ["u"], "filenames": [{"filename": "a.pt", "parts_number": 1}]},
+    ):
         with pytest.raises(ValueError):
             CreateCheckpointBody.model_validate(body)

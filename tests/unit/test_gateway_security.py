@@ -48,9 +48,7 @@ async def _echo(request: Request) -> JSONResponse:
 
 def _client(max_body: int = 100) -> httpx.AsyncClient:
     app = Starlette(routes=[Route("/echo", _echo, methods=["POST"]), Route("/api", _echo)])
-    app.add_exception_handler(
-        EsdError, lambda request, exc: JSONResponse({"error": exc.message}, exc.status)
-    )
+    app.add_exception_handler(EsdError, lambda request, exc: JSONResponse({"error": exc.message}, exc.status))
     edge = EdgeMiddleware(app, api_key="secret", max_body_bytes=max_body)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=edge), base_url="http://t")
 

@@ -23,5 +23,7 @@ HEAVY = ("torch", "diffusers", "transformers", "peft")
 )
 def test_importing_a_service_leaves_torch_out(module):
     probe = f"import importlib, json, sys; importlib.import_module({module!r}); print(json.dumps(sorted(sys.modules)))"
-    loaded = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    loaded = json.loads(
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    )
     assert [name for name in HEAVY if name in loaded] == []

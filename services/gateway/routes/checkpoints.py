@@ -62,9 +62,7 @@ async def list_checkpoints(
     status: list[str] = Query([]),
     username: str | None = None,
 ) -> Response:
-    command = ListCheckpoints(
-        actor=principal, page=page, per_page=per_page, types=_split(types), status=_split(status)
-    )
+    command = ListCheckpoints(actor=principal, page=page, per_page=per_page, types=_split(types), status=_split(status))
     if username:
         subject = await named_user(request, username)
         command.as_roles, command.as_username = subject.roles, subject.username
@@ -82,7 +80,9 @@ async def get_checkpoint(
 
 
 @router.post(
-    "/checkpoints", status_code=201, openapi_extra=body_doc(CreateCheckpointBody),
+    "/checkpoints",
+    status_code=201,
+    openapi_extra=body_doc(CreateCheckpointBody),
     responses=answers({201: UploadStarted, 202: DownloadsStarted}, 400, 401, 413),
 )
 async def create_checkpoint(
@@ -101,7 +101,8 @@ async def create_checkpoint(
 
 
 @router.put(
-    "/checkpoints/{checkpoint_id}", openapi_extra=body_doc(UpdateCheckpointBody),
+    "/checkpoints/{checkpoint_id}",
+    openapi_extra=body_doc(UpdateCheckpointBody),
     responses=answers({200: CheckpointUpdated, 202: None}, 400, 401, 404, 413),
 )
 async def update_checkpoint(
@@ -117,7 +118,9 @@ async def update_checkpoint(
 
 
 @router.delete(
-    "/checkpoints", status_code=204, openapi_extra=body_doc(DeleteCheckpointsBody),
+    "/checkpoints",
+    status_code=204,
+    openapi_extra=body_doc(DeleteCheckpointsBody),
     responses=answers({204: None}, 400, 401, 413),
 )
 async def delete_checkpoints(

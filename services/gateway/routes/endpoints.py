@@ -38,7 +38,9 @@ async def list_endpoints(
 
 
 @router.post(
-    "/endpoints", status_code=202, openapi_extra=body_doc(CreateEndpointBody),
+    "/endpoints",
+    status_code=202,
+    openapi_extra=body_doc(CreateEndpointBody),
     responses=answers({202: EndpointView}, 400, 401, 413),
 )
 async def create_endpoint(
@@ -51,7 +53,9 @@ async def create_endpoint(
 
 
 @router.delete(
-    "/endpoints", status_code=204, openapi_extra=body_doc(DeleteEndpointsBody),
+    "/endpoints",
+    status_code=204,
+    openapi_extra=body_doc(DeleteEndpointsBody),
     responses=answers({204: None}, 400, 401, 413),
 )
 async def delete_endpoints(

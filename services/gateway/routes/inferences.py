@@ -57,12 +57,16 @@ async def _start(request: Request, principal: Principal, inference_id: str) -> R
         async def done() -> bool:
             return (await _get(request, principal, inference_id)).status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
-        await app.completions.wait(finished, finished=done, timeout=app.settings.realtime_timeout, inference_id=inference_id)
+        await app.completions.wait(
+            finished, finished=done, timeout=app.settings.realtime_timeout, inference_id=inference_id
+        )
     return respond(200, await _get(request, principal, inference_id))
 
 
 @router.post(
-    "/inferences", status_code=201, openapi_extra=body_doc(CreateInferenceBody),
+    "/inferences",
+    status_code=201,
+    openapi_extra=body_doc(CreateInferenceBody),
     responses=answers({201: NewInference, 200: InferenceView, 202: RunningInference}, 400, 401, 413, 504),
 )
 async def create_inference(
@@ -111,7 +115,9 @@ async def list_inferences(
 
 
 @router.delete(
-    "/inferences", status_code=204, openapi_extra=body_doc(DeleteInferencesBody),
+    "/inferences",
+    status_code=204,
+    openapi_extra=body_doc(DeleteInferencesBody),
     responses=answers({204: None}, 400, 401, 413),
 )
 async def delete_inferences(

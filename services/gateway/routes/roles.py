@@ -32,7 +32,9 @@ async def list_roles(
     return respond(200, await rpc(request).call(LIST_ROLES, ListRoles(actor=principal, role=role)))
 
 
-@router.post("/roles", status_code=201, openapi_extra=body_doc(CreateRoleBody), responses=answers({201: RoleView}, 400, 401, 413))
+@router.post(
+    "/roles", status_code=201, openapi_extra=body_doc(CreateRoleBody), responses=answers({201: RoleView}, 400, 401, 413)
+)
 async def create_role(request: Request, body: CreateRoleBody = Depends(json_body(CreateRoleBody))) -> Response:
     if body.initial:
         actor = await optional_principal(request)
@@ -43,7 +45,9 @@ async def create_role(request: Request, body: CreateRoleBody = Depends(json_body
     return respond(201, role, message="role created")
 
 
-@router.delete("/roles", status_code=204, openapi_extra=body_doc(DeleteRolesBody), responses=answers({204: None}, 400, 401, 413))
+@router.delete(
+    "/roles", status_code=204, openapi_extra=body_doc(DeleteRolesBody), responses=answers({204: None}, 400, 401, 413)
+)
 async def delete_roles(
     request: Request,
     principal: Principal = Depends(require("role:all")),

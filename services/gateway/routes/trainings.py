@@ -45,7 +45,9 @@ TRAIN = require("train:all")
 
 
 @router.post(
-    "/trainings", status_code=201, openapi_extra=body_doc(CreateTrainingBody),
+    "/trainings",
+    status_code=201,
+    openapi_extra=body_doc(CreateTrainingBody),
     responses=answers({201: CreatedTraining}, 400, 401, 413),
 )
 async def create_training(
@@ -74,7 +76,9 @@ async def get_training(request: Request, training_id: str, principal: Principal 
 
 
 @router.delete(
-    "/trainings", status_code=204, openapi_extra=body_doc(DeleteTrainingsBody),
+    "/trainings",
+    status_code=204,
+    openapi_extra=body_doc(DeleteTrainingsBody),
     responses=answers({204: None}, 400, 401, 413),
 )
 async def delete_trainings(
@@ -87,7 +91,9 @@ async def delete_trainings(
 
 
 @router.post(
-    "/datasets", status_code=201, openapi_extra=body_doc(CreateDatasetBody),
+    "/datasets",
+    status_code=201,
+    openapi_extra=body_doc(CreateDatasetBody),
     responses=answers({201: CreatedDataset}, 400, 401, 413),
 )
 async def create_dataset(
@@ -99,7 +105,8 @@ async def create_dataset(
 
 
 @router.put(
-    "/datasets/{dataset_name}", openapi_extra=body_doc(UpdateDatasetBody),
+    "/datasets/{dataset_name}",
+    openapi_extra=body_doc(UpdateDatasetBody),
     responses=answers({200: UpdatedDataset}, 400, 401, 404, 413),
 )
 async def update_dataset(
@@ -123,7 +130,9 @@ async def get_dataset(request: Request, dataset_name: str, principal: Principal 
 
 
 @router.delete(
-    "/datasets", status_code=204, openapi_extra=body_doc(DeleteDatasetsBody),
+    "/datasets",
+    status_code=204,
+    openapi_extra=body_doc(DeleteDatasetsBody),
     responses=answers({204: None}, 400, 401, 413),
 )
 async def delete_datasets(

@@ -33,7 +33,9 @@ async def list_users(
     return respond(200, users)
 
 
-@router.post("/users", status_code=201, openapi_extra=body_doc(CreateUserBody), responses=answers({201: None}, 400, 401, 413))
+@router.post(
+    "/users", status_code=201, openapi_extra=body_doc(CreateUserBody), responses=answers({201: None}, 400, 401, 413)
+)
 async def create_user(request: Request, body: CreateUserBody = Depends(json_body(CreateUserBody))) -> Response:
     if body.initial:
         # a client's first-run bootstrap: the key suffices
@@ -45,7 +47,9 @@ async def create_user(request: Request, body: CreateUserBody = Depends(json_body
     return respond(201)
 
 
-@router.delete("/users", status_code=204, openapi_extra=body_doc(DeleteUsersBody), responses=answers({204: None}, 400, 401, 413))
+@router.delete(
+    "/users", status_code=204, openapi_extra=body_doc(DeleteUsersBody), responses=answers({204: None}, 400, 401, 413)
+)
 async def delete_users(
     request: Request,
     principal: Principal = Depends(require("user:all")),

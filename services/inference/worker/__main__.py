@@ -50,7 +50,11 @@ class InferenceWorker:
         self.worker_id = worker_id
         # a job in hand may finish on SIGTERM as long as a Real-time caller may wait for it
         self.runtime = WorkerRuntime(
-            settings, pool=endpoint, worker_id=worker_id, heartbeats=HEARTBEATS, grace_seconds=settings.realtime_timeout,
+            settings,
+            pool=endpoint,
+            worker_id=worker_id,
+            heartbeats=HEARTBEATS,
+            grace_seconds=settings.realtime_timeout,
         )
         self.engine: Any = None
 
@@ -70,16 +74,29 @@ class InferenceWorker:
 
         async def succeeded(outcome: tuple[list[str], dict]) -> None:
             image_names, info = outcome
-            await self.runtime.rpc.call(REPORT_INFERENCE_SUCCEEDED, ReportInferenceSucceeded(
-                inference_id=job.inference_id, worker_id=self.worker_id, image_names=image_names, info=info,
-            ))
-            log.info("worker.job_done", images=len(image_names), seconds=round(time.perf_counter() - started, 3), **phases)
+            await self.runtime.rpc.call(
+                REPORT_INFERENCE_SUCCEEDED,
+                ReportInferenceSucceeded(
+                    inference_id=job.inference_id,
+                    worker_id=self.worker_id,
+                    image_names=image_names,
+                    info=info,
+                ),
+            )
+            log.info(
+                "worker.job_done", images=len(image_names), seconds=round(time.perf_counter() - started, 3), **phases
+            )
 
         async def failed(error: str) -> None:
             log.warning("worker.job_failed", error=error)
-            await self.runtime.rpc.call(REPORT_INFERENCE_FAILED, ReportInferenceFailed(
-                inference_id=job.inference_id, worker_id=self.worker_id, error=error,
-            ))
+            await self.runtime.rpc.call(
+                REPORT_INFERENCE_FAILED,
+                ReportInferenceFailed(
+                    inference_id=job.inference_id,
+                    worker_id=self.worker_id,
+                    error=error,
+                ),
+            )
 
         try:
             await self.runtime.job(
@@ -96,7 +113,9 @@ class InferenceWorker:
         from services.inference.worker.engine import GenerationRequest
 
         if job.task_type not in RUNNABLE:
-            raise Invalid(f"task type {job.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})")
+            raise Invalid(
+                f"task type {job.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})"
+            )
         storage = self.runtime.storage
         assert storage is not None and self.engine is not None
         mark = time.perf_counter()
@@ -120,14 +139,24 @@ class InferenceWorker:
             every=PROGRESS_EVERY_SECONDS,
         )
         result = await asyncio.to_thread(
-            self.engine.generate, request, files, progress=lambda step, total: progress(step, total, final=step == total)
+            self.engine.generate,
+            request,
+            files,
+            progress=lambda step, total: progress(step, total, final=step == total),
         )
         phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]
         for name, image in zip(names, result.images, strict=True):
             await storage.put(f"{job.output_prefix}/{name}", image, "image/png")
-        record = {"parameters": result.parameters, "info": result.info, "endpoint_name": self.endpoint, "inference_id": job.inference_id}
-        await storage.put(f"{job.output_prefix}/{job.inference_id}_param.json", json.dumps(record).encode(), "application/json")
+        record = {
+            "parameters": result.parameters,
+            "info": result.info,
+            "endpoint_name": self.endpoint,
+            "inference_id": job.inference_id,
+        }
+        await storage.put(
+            f"{job.output_prefix}/{job.inference_id}_param.json", json.dumps(record).encode(), "application/json"
+        )
         phase("store")
         return names, result.info
 

@@ -49,13 +49,19 @@ class TrainingWorker:
     def __init__(self, settings: Settings, pool: str, worker_id: str) -> None:
         self.worker_id = worker_id
         self.runtime = WorkerRuntime(
-            settings, pool=pool, worker_id=worker_id, heartbeats=HEARTBEATS, grace_seconds=GRACE_SECONDS,
+            settings,
+            pool=pool,
+            worker_id=worker_id,
+            heartbeats=HEARTBEATS,
+            grace_seconds=GRACE_SECONDS,
         )
 
     async def run(self) -> None:
         # the heavy imports (torch, diffusers, peft) before taking work, not in a job's time
         await self.runtime.serve(
-            JOBS, RunTraining, self.handle,
+            JOBS,
+            RunTraining,
+            self.handle,
             warm_up=lambda: importlib.import_module("services.training.worker.trainer.training"),
         )
 
@@ -67,9 +73,14 @@ class TrainingWorker:
 
         async def failed(error: str) -> None:
             log.warning("training_worker.failed", error=error)
-            await self.runtime.rpc.call(REPORT_TRAINING_FAILED, ReportTrainingFailed(
-                training_id=job.training_id, worker_id=self.worker_id, error=error,
-            ))
+            await self.runtime.rpc.call(
+                REPORT_TRAINING_FAILED,
+                ReportTrainingFailed(
+                    training_id=job.training_id,
+                    worker_id=self.worker_id,
+                    error=error,
+                ),
+            )
 
         try:
             await self.runtime.job(
@@ -91,8 +102,12 @@ class TrainingWorker:
         model = await self.runtime.model(job.model_key, f"the base model {job.model_name}")
         progress = self.runtime.progress(
             lambda report: TrainingProgress(
-                training_id=job.training_id, epoch=report.epoch, epochs=report.epochs,
-                step=report.step, steps=report.steps, loss=float(report.loss),
+                training_id=job.training_id,
+                epoch=report.epoch,
+                epochs=report.epochs,
+                step=report.step,
+                steps=report.steps,
+                loss=float(report.loss),
             ),
             every=PROGRESS_EVERY_SECONDS,
         )
@@ -101,7 +116,12 @@ class TrainingWorker:
             await self._dataset(job.data_prefix, data)
             out = Path(work) / "out"
             result = await asyncio.to_thread(
-                train_lora, model, data, config, out, device=self.runtime.device(),
+                train_lora,
+                model,
+                data,
+                config,
+                out,
+                device=self.runtime.device(),
                 progress=lambda report: progress(report, final=report.step == report.steps),
             )
             keys = []
@@ -109,8 +129,14 @@ class TrainingWorker:
                 key = f"{job.output_prefix}/{path.name}"
                 await storage.put(key, path.read_bytes())
                 keys.append(key)
-        info = {"steps": result.steps, "epochs": result.epochs, "seed": result.seed, "seconds": round(result.seconds, 3),
-                "final_loss": result.losses[-1] if result.losses else None, "warnings": result.warnings}
+        info = {
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "seed": result.seed,
+            "seconds": round(result.seconds, 3),
+            "final_loss": result.losses[-1] if result.losses else None,
+            "warnings": result.warnings,
+        }
         log.info("training_worker.done", **{k: v for k, v in info.items() if k != "warnings"})
         return ReportTrainingSucceeded(
             training_id=job.training_id, worker_id=self.worker_id, final_key=keys[-1], output_keys=keys, info=info

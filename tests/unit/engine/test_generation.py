@@ -51,18 +51,14 @@ def _difference(first: bytes, second: bytes) -> int:
 
 
 def test_txt2img_returns_every_image_with_its_parameters(engine, checkpoint):
-    result = _txt2img(
-        engine, ModelFiles(checkpoint=checkpoint), seed=100, batch_size=2, n_iter=2, width=64, height=96
-    )
+    result = _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=100, batch_size=2, n_iter=2, width=64, height=96)
     assert len(result.images) == 4
     assert result.info["all_seeds"] == [100, 101, 102, 103]
     for data, seed in zip(result.images, result.info["all_seeds"], strict=True):
         image = _png(data)
         assert image.format == "PNG" and image.size == (64, 96)
         text = image.text["parameters"]
-        assert text.startswith(
-            "a photo of a cat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7,"
-        )
+        assert text.startswith("a photo of a cat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7,")
         assert f"Seed: {seed}, Size: 64x96, Model: tiny-a" in text
     assert result.info["infotexts"][0] == _png(result.images[0]).text["parameters"]
     assert result.parameters["steps"] == 4 and result.parameters["sampler_name"] == "Euler a"
@@ -113,9 +109,7 @@ def test_a_random_seed_is_reported_and_reproduces_the_image(engine, checkpoint):
     ],
 )
 def test_each_sampler_runs(engine, checkpoint, sampler_name, scheduler):
-    result = _txt2img(
-        engine, ModelFiles(checkpoint=checkpoint), seed=1, sampler_name=sampler_name, scheduler=scheduler
-    )
+    result = _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=1, sampler_name=sampler_name, scheduler=scheduler)
     image = _png(result.images[0])
     assert image.size == (64, 64)
     assert any(low != high for low, high in image.getextrema())  # not a blank (NaN) image
@@ -136,9 +130,7 @@ def test_img2img_starts_from_the_init_image(engine, checkpoint):
         },
     )
     weak = engine.generate(request, ModelFiles(checkpoint=checkpoint))
-    strong = engine.generate(
-        request.model_copy(update={"denoising_strength": 1.0}), ModelFiles(checkpoint=checkpoint)
-    )
+    strong = engine.generate(request.model_copy(update={"denoising_strength": 1.0}), ModelFiles(checkpoint=checkpoint))
     image = _png(weak.images[0])
     assert image.size == (64, 64)
     assert "Denoising strength: 0.5" in image.text["parameters"]
@@ -187,9 +179,7 @@ def test_a_vae_override_is_loaded_once_and_used(checkpoint, vae):
 
 def test_a_vae_named_in_the_settings_must_come_with_the_job(engine, checkpoint):
     with pytest.raises(InvalidPayload, match="override_settings.sd_vae"):
-        _txt2img(
-            engine, ModelFiles(checkpoint=checkpoint), override_settings={"sd_vae": "pastel.safetensors"}
-        )
+        _txt2img(engine, ModelFiles(checkpoint=checkpoint), override_settings={"sd_vae": "pastel.safetensors"})
 
 
 def test_an_embedding_named_in_the_prompt_is_used_for_that_job(engine, checkpoint, embedding):
@@ -199,10 +189,7 @@ def test_an_embedding_named_in_the_prompt_is_used_for_that_job(engine, checkpoin
     without_word = _txt2img(engine, models, seed=4, prompt="a cat")
     assert with_embedding.images[0] != plain.images[0]
     assert with_embedding.info["embeddings"] == ["mystyle"] and without_word.info["embeddings"] == []
-    assert (
-        _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=4, prompt="a cat mystyle").images
-        == plain.images
-    )
+    assert _txt2img(engine, ModelFiles(checkpoint=checkpoint), seed=4, prompt="a cat mystyle").images == plain.images
 
 
 def test_a_cached_model_is_never_loaded_again(checkpoint, other_checkpoint):
@@ -224,9 +211,7 @@ def test_the_least_recently_used_model_makes_room(checkpoint, other_checkpoint):
 def test_progress_is_reported_for_every_step_of_every_batch(engine, checkpoint):
     seen: list[tuple[int, int]] = []
     request = GenerationRequest.from_payload("txt2img", {**SMALL, "steps": 3, "n_iter": 2})
-    engine.generate(
-        request, ModelFiles(checkpoint=checkpoint), progress=lambda step, total: seen.append((step, total))
-    )
+    engine.generate(request, ModelFiles(checkpoint=checkpoint), progress=lambda step, total: seen.append((step, total)))
     assert seen == [(step, 6) for step in range(1, 7)]
 
 
@@ -265,7 +250,8 @@ def test_clip_skip_from_override_settings_runs_and_changes_the_image(checkpoint)
 
     def image(settings):
         request = GenerationRequest.from_payload(
-            "txt2img", {"prompt": "a red cube", "steps": 3, "width": 64, "height": 64, "seed": 3, "override_settings": settings}
+            "txt2img",
+            {"prompt": "a red cube", "steps": 3, "width": 64, "height": 64, "seed": 3, "override_settings": settings},
         )
         return engine.generate(request, ModelFiles(checkpoint=checkpoint)).images[0]
 
@@ -280,8 +266,6 @@ def test_a_full_size_sd15_checkpoint_loads_and_runs_offline(tmp_path, no_network
     from diffusion.testing import make_sd15_checkpoint
 
     path = make_sd15_checkpoint(tmp_path / "sd15.safetensors", seed=0)
-    request = GenerationRequest.from_payload(
-        "txt2img", {"prompt": "a cat", "steps": 1, "width": 64, "height": 64}
-    )
+    request = GenerationRequest.from_payload("txt2img", {"prompt": "a cat", "steps": 1, "width": 64, "height": 64})
     result = Engine().generate(request, ModelFiles(checkpoint=path))
     assert len(result.images) == 1

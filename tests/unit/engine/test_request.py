@@ -80,9 +80,7 @@ def test_img2img_needs_an_image_and_at_least_one_step():
         GenerationRequest.from_payload(
             "img2img", {"init_images": [_png_base64()], "steps": 4, "denoising_strength": 0.1}
         )
-    request = GenerationRequest.from_payload(
-        "img2img", {"init_images": ["data:image/png;base64," + _png_base64()]}
-    )
+    request = GenerationRequest.from_payload("img2img", {"init_images": ["data:image/png;base64," + _png_base64()]})
     assert request.init_image().size == (8, 8)
 
 

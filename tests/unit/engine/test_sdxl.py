@@ -41,9 +41,7 @@ def test_sdxl_txt2img_img2img_and_lora(no_network, engine, sdxl_checkpoint, sdxl
     assert _png(plain.images[0]).size == (64, 64)
     assert _difference(plain.images[0], again.images[0]) == 0
     styled = engine.generate(
-        GenerationRequest.from_payload(
-            "txt2img", {**SMALL, "seed": 3, "prompt": "a photo of a cat <lora:style:1>"}
-        ),
+        GenerationRequest.from_payload("txt2img", {**SMALL, "seed": 3, "prompt": "a photo of a cat <lora:style:1>"}),
         models,
     )
     assert _difference(plain.images[0], styled.images[0]) > 0
@@ -67,4 +65,3 @@ def test_sdxl_samplers_run(engine, sdxl_checkpoint):
             GenerationRequest.from_payload("txt2img", {**SMALL, "seed": 1, "sampler_name": sampler}), models
         )
         assert _png(result.images[0]).size == (64, 64)
-

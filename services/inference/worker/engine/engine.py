@@ -89,9 +89,7 @@ class _FileKey:
 class Engine:
     """Runs generation requests; one at a time (calls are serialised)."""
 
-    def __init__(
-        self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, max_pipelines: int = 2
-    ):
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, max_pipelines: int = 2):
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.max_pipelines = max(1, max_pipelines)
@@ -150,9 +148,7 @@ class Engine:
         seed = request.seed if request.seed != -1 else random.randrange(MAX_SEED)
         seeds = [seed + index for index in range(request.images_count)]
         init_image = (
-            _resized(request.init_image(), request.width, request.height)
-            if request.task == "img2img"
-            else None
+            _resized(request.init_image(), request.width, request.height) if request.task == "img2img" else None
         )
 
         loaded = self._checkpoint(models.checkpoint)
@@ -228,9 +224,7 @@ class Engine:
             else:
                 arguments.update(width=request.width, height=request.height)
             if progress is not None or cancelled is not None:
-                arguments["callback_on_step_end"] = _step_callback(
-                    iteration, request.n_iter, progress, cancelled
-                )
+                arguments["callback_on_step_end"] = _step_callback(iteration, request.n_iter, progress, cancelled)
             with torch.inference_mode(), clip_skip_compatible(pipe.text_encoder):
                 output = pipe(**arguments)
             if pipe.interrupt:
@@ -263,9 +257,7 @@ class Engine:
         while len(self._vaes) >= self.max_pipelines:
             self._vaes.popitem(last=False)
             self._release_memory()
-        vae = load_vae(
-            cache_key[0].path, architecture=loaded.architecture, device=self.device, dtype=self.dtype
-        )
+        vae = load_vae(cache_key[0].path, architecture=loaded.architecture, device=self.device, dtype=self.dtype)
         self.vae_loads += 1
         self._vaes[cache_key] = vae
         return vae
@@ -287,9 +279,7 @@ class Engine:
         if adapters:
             pipe.set_adapters(adapters, adapter_weights=weights)
 
-    def _apply_embeddings(
-        self, pipe: StableDiffusionPipeline, embeddings: dict[str, Path], tokens: list[str]
-    ) -> None:
+    def _apply_embeddings(self, pipe: StableDiffusionPipeline, embeddings: dict[str, Path], tokens: list[str]) -> None:
         width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
         for name, path in embeddings.items():
             vectors = _embedding_vectors(read_state_dict(path), name)
@@ -298,9 +288,7 @@ class Engine:
                     f"embedding {name!r} has vectors of width {vectors.shape[-1]}, this model needs {width}"
                 )
             if name in pipe.tokenizer.get_vocab():
-                raise IncompatibleModel(
-                    f"embedding {name!r} has the name of a word the tokenizer already knows"
-                )
+                raise IncompatibleModel(f"embedding {name!r} has the name of a word the tokenizer already knows")
             tokens.append(name)
             pipe.load_textual_inversion({name: vectors}, token=name)
 
@@ -368,9 +356,7 @@ def _a1111_info(
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": request.denoising_strength,
-        "extra_generation_params": {"Schedule type": sampler.schedule}
-        if sampler.schedule != "Uniform"
-        else {},
+        "extra_generation_params": {"Schedule type": sampler.schedule} if sampler.schedule != "Uniform" else {},
         "index_of_first_image": 0,
         "infotexts": texts,
         "styles": [],
@@ -422,9 +408,7 @@ def _embedding_vectors(state: dict, name: str) -> torch.Tensor:
     else:
         tensors = [value for value in state.values() if isinstance(value, torch.Tensor)]
     if len(tensors) != 1:
-        raise IncompatibleModel(
-            f"embedding {name!r}: not a textual-inversion embedding for Stable Diffusion 1.x"
-        )
+        raise IncompatibleModel(f"embedding {name!r}: not a textual-inversion embedding for Stable Diffusion 1.x")
     vectors = tensors[0].float()
     return vectors[None] if vectors.ndim == 1 else vectors
 

@@ -75,9 +75,7 @@ def text_to_image(components: Components) -> Pipeline:
     return pipeline
 
 
-def pipeline_for_job(
-    loaded: LoadedCheckpoint, *, task: str, vae: AutoencoderKL, scheduler: SchedulerMixin
-) -> Pipeline:
+def pipeline_for_job(loaded: LoadedCheckpoint, *, task: str, vae: AutoencoderKL, scheduler: SchedulerMixin) -> Pipeline:
     """A pipeline of `task` (txt2img or img2img) over the cached checkpoint's modules, with the
     job's VAE and sampler."""
     components = {**loaded.pipeline.components, "vae": vae, "scheduler": scheduler}

@@ -143,9 +143,7 @@ class GenerationRequest(BaseModel):
         try:
             return max(1, int(value))
         except (TypeError, ValueError):
-            raise InvalidPayload(
-                f"override_settings.CLIP_stop_at_last_layers: not a number ({value!r})"
-            ) from None
+            raise InvalidPayload(f"override_settings.CLIP_stop_at_last_layers: not a number ({value!r})") from None
 
     @property
     def vae_setting(self) -> str | None:
@@ -164,9 +162,7 @@ class GenerationRequest(BaseModel):
             try:
                 value = float(weight) if weight else 1.0
             except ValueError:
-                raise InvalidPayload(
-                    f"prompt: LoRA {name!r} has a weight that is not a number ({weight!r})"
-                ) from None
+                raise InvalidPayload(f"prompt: LoRA {name!r} has a weight that is not a number ({weight!r})") from None
             weights[name] = weights.get(name, 0.0) + value
             return ""
 
@@ -194,11 +190,7 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
-        if (
-            item["type"] not in ("value_error",)
-            and "input" in item
-            and not isinstance(item["input"], (dict, list))
-        ):
+        if item["type"] not in ("value_error",) and "input" in item and not isinstance(item["input"], (dict, list)):
             message += f" (got {item['input']!r})"
         parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)

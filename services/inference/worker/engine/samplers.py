@@ -130,9 +130,7 @@ def resolve_sampler(sampler_name: str, schedule: str | None = None) -> SamplerCh
 
     chosen = _schedule_name(schedule) if schedule else None
     if chosen in (None, "Automatic"):
-        chosen = suffix_schedule or (
-            SAMPLERS[canonical].automatic_schedule if chosen == "Automatic" else "Uniform"
-        )
+        chosen = suffix_schedule or (SAMPLERS[canonical].automatic_schedule if chosen == "Automatic" else "Uniform")
     if not _applicable(SAMPLERS[canonical].scheduler, SCHEDULE_TYPES[chosen]):
         chosen = "Uniform"  # as in A1111, samplers without sigmas (DDIM, Euler a...) ignore it
     return SamplerChoice(sampler=canonical, schedule=chosen)

@@ -101,4 +101,3 @@ def load_pixels(image: TrainingImage, resolution: tuple[int, int]) -> tuple[torc
     picture = picture.crop((left, top, left + width, top + height))
     array = np.asarray(picture, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), scale > 1
-

@@ -156,4 +156,3 @@ def save_lora(
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
-

@@ -134,7 +134,9 @@ class Trainer:
                 model.requires_grad_(False)
         layers = self.text_encoder.config.num_hidden_layers
         if config.clip_skip > layers:
-            raise InvalidTrainingConfig(f"clip_skip: {config.clip_skip} is more than the text encoder's {layers} layers")
+            raise InvalidTrainingConfig(
+                f"clip_skip: {config.clip_skip} is more than the text encoder's {layers} layers"
+            )
         if self.sdxl:
             # (original size, crop top-left, target size) as SDXL's micro-conditioning wants them:
             # the training resolution, uncropped (diffusers' defaults at generation time)
@@ -371,9 +373,7 @@ class Trainer:
         self.epoch = epoch
         loss_value = (total / len(batches)).item()
         if not math.isfinite(loss_value) and self._scaler is None:
-            raise TrainingDiverged(
-                f"the loss became {loss_value} at step {self.global_step}; lower the learning_rate"
-            )
+            raise TrainingDiverged(f"the loss became {loss_value} at step {self.global_step}; lower the learning_rate")
         return TrainingProgress(
             epoch=epoch, epochs=self.epochs, step=self.global_step, steps=self.steps, loss=loss_value
         )
