@@ -32,13 +32,20 @@ class EsdResponse(Response):
 def respond(status: int = 200, data: Any = None, message: str | None = None) -> Response:
     if status == 204:
         return Response(status_code=204)
-    body: dict[str, Any] = {"statusCode": status}
+    message = message if message is not None else HTTPStatus(status).phrase
     if isinstance(data, BaseModel):
-        data = data.model_dump(mode="json")
+        # the model serializes itself straight to JSON (no dict in between): the hot path
+        body = b'{"statusCode":%d,"data":%b,"message":%b}' % (
+            status,
+            data.__pydantic_serializer__.to_json(data),
+            orjson.dumps(message),
+        )
+        return EsdResponse(body, status_code=status)
+    envelope: dict[str, Any] = {"statusCode": status}
     if data:
-        body["data"] = data
-    body["message"] = message if message is not None else HTTPStatus(status).phrase
-    return EsdResponse(orjson.dumps(body), status_code=status)
+        envelope["data"] = data
+    envelope["message"] = message
+    return EsdResponse(orjson.dumps(envelope), status_code=status)
 
 
 FORBIDDEN_BODY = b'{"message":"Forbidden"}'
