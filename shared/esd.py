@@ -1,9 +1,9 @@
-"""ESD's conventions that several services follow: how times look, and the opaque paging keys
+"""ESD's conventions that several services follow: how times look, and the paging keys
 (`exclusive_start_key` / `last_evaluated_key`)."""
 
 from __future__ import annotations
 
-import base64
+import re
 from datetime import UTC, datetime
 
 from shared.errors import Invalid
@@ -16,14 +16,18 @@ def esd_time(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+# A paging key is the creation time of the last item of a page, exactly (`repr`), which the
+# next page starts after: a plain decimal number, as the OpenAPI document says.
+POSITION_PATTERN = r"^[0-9]{1,17}(\.[0-9]{1,17})?$"
+
+
 def encode_position(created: float) -> str:
-    return base64.urlsafe_b64encode(repr(created).encode()).decode()
+    return repr(created)
 
 
 def decode_position(key: str | None) -> float | None:
     if not key:
         return None
-    try:
-        return float(base64.urlsafe_b64decode(key.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid("exclusive_start_key is not a key this API gave") from None
+    if re.fullmatch(POSITION_PATTERN, key) is None:
+        raise Invalid("exclusive_start_key is not a key this API gave")
+    return float(key)

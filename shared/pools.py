@@ -45,11 +45,15 @@ class LocalPool:
         module: str = "services.inference.worker",
         env: dict[str, str] | None = None,
         stop_timeout: float = 60.0,
+        max_workers: int | None = None,
     ) -> None:
         self.log_dir = log_dir
         self.module = module
         self.env = {**os.environ, **(env or {})}
         self.stop_timeout = stop_timeout
+        # what this host can run, all pools together; a pool asking for more gets what is left
+        self.max_workers = max_workers
+        self.held_back: dict[str, int] = {}  # pool -> workers it wanted but did not get (logged once)
         self.workers: dict[str, dict[str, asyncio.subprocess.Process]] = {}
 
     def count(self, endpoint: str) -> int:
@@ -64,6 +68,18 @@ class LocalPool:
 
     async def scale(self, endpoint: str, count: int) -> None:
         pool = self._alive(endpoint)
+        if self.max_workers is not None and count > len(pool):
+            others = sum(len(self._alive(name)) for name in list(self.workers) if name != endpoint)
+            room = max(0, self.max_workers - others)
+            if count > room:
+                if self.held_back.get(endpoint) != count - room:
+                    log.warning(
+                        "pool.host_full", endpoint=endpoint, wanted=count, started=room, max_workers=self.max_workers
+                    )
+                self.held_back[endpoint] = count - room
+                count = room
+            else:
+                self.held_back.pop(endpoint, None)
         while len(pool) < count:
             worker_id = f"{endpoint}-{uuid.uuid4().hex[:6]}"
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +116,7 @@ class LocalPool:
     async def stop(self, endpoint: str) -> None:
         await self.scale(endpoint, 0)
         self.workers.pop(endpoint, None)
+        self.held_back.pop(endpoint, None)
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(endpoint) for endpoint in list(self.workers)))

@@ -292,6 +292,7 @@ class RpcClient:
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.channel: aio_pika.abc.AbstractRobustChannel | None = None
         self.reply_queue = f"{prefix}rpc.replies.{uuid.uuid4().hex}"
+        self.underlay: aiormq.abc.AbstractChannel | None = None
         self._starting: asyncio.Lock | None = None
         # calls made in this turn of the event loop, by command, sent together at its end
         self.outbox: dict[Command, list[tuple[str, _Call]]] = {}
@@ -315,8 +316,9 @@ class RpcClient:
 
     async def _consume(self) -> None:
         assert self.channel is not None
-        underlay = await self.channel.get_underlay_channel()
-        await underlay.basic_consume(self.reply_queue, self._on_replies, no_ack=True)
+        # the channel underneath: the one to publish on until the next reconnect
+        self.underlay = await self.channel.get_underlay_channel()
+        await self.underlay.basic_consume(self.reply_queue, self._on_replies, no_ack=True)
 
     async def _on_replies(self, message: aiormq.abc.DeliveredMessage) -> None:
         try:
@@ -371,8 +373,8 @@ class RpcClient:
         # the message lives as long as its most patient caller waits
         expiration = max(call.timeout for _, call in batch)
         try:
-            assert self.channel is not None
-            await self.channel.channel.basic_publish(
+            assert self.underlay is not None
+            await self.underlay.basic_publish(
                 body,
                 routing_key=declared.queue(self.prefix),
                 properties=Properties(

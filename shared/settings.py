@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     realtime_timeout: float = 300.0
     worker_device: str = "auto"  # auto | cpu | cuda
     worker_heartbeat_seconds: float = 2.0
+    # inference workers this host runs at most, all local pools together (0: none, a host that
+    # runs only the services)
+    local_max_workers: int = 8
 
     # training: worker processes this host runs (each trains one LoRA at a time)
     training_workers: int = 1

@@ -72,11 +72,22 @@ class ForbiddenReply(BaseModel):
     message: str
 
 
+class Optional:
+    """A reply whose `data` is there only sometimes (`answers({200: Optional(Model)})`)."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+
+
 @cache
-def envelope_of(model: type[BaseModel] | None) -> type[BaseModel]:
+def envelope_of(model: type[BaseModel] | None, required: bool = True) -> type[BaseModel]:
     """The envelope around a reply's `data`, for the document: `{statusCode, data, message}`."""
     if model is None:
         return create_model("Reply", statusCode=(int, ...), message=(str, ...))
+    if not required:
+        return create_model(
+            f"{model.__name__}MaybeReply", statusCode=(int, ...), data=(model | None, None), message=(str, ...)
+        )
     return create_model(f"{model.__name__}Reply", statusCode=(int, ...), data=(model, ...), message=(str, ...))
 
 
@@ -92,7 +103,7 @@ _WHY = {
 
 
 def answers(
-    success: dict[int, type[BaseModel] | None], *errors: int, routed: bool = True
+    success: dict[int, type[BaseModel] | Optional | None], *errors: int, routed: bool = True
 ) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: its success replies (status -> data model) and the error
     statuses it really answers. Every route answers 403 (the API key) besides, and a routed
@@ -101,6 +112,8 @@ def answers(
     for status, model in success.items():
         if status == 204:
             documented[204] = {"description": "No Content"}
+        elif isinstance(model, Optional):
+            documented[status] = {"model": envelope_of(model.model, False), "description": HTTPStatus(status).phrase}
         else:
             documented[status] = {"model": envelope_of(model), "description": HTTPStatus(status).phrase}
     for status in sorted({*errors, *((503,) if routed else ())}):
@@ -153,7 +166,8 @@ def _describe(error: dict) -> str:
         )
     if kind in ("model_type", "model_attributes_type", "dict_type") and not field:
         return "request body must be a JSON object"
-    return f"{prefix}{error.get('msg', 'invalid value')}"
+    # pydantic prefixes the messages of our validators with "Value error, "
+    return f"{prefix}{error.get('msg', 'invalid value').removeprefix('Value error, ')}"
 
 
 def validation_message(errors: list[dict]) -> str:

@@ -24,7 +24,7 @@ async def setup(runtime: Runtime):
     runtime.stack.push_async_callback(client.close)
     store = InferenceStore(client[settings.database_name(SERVICE)])
     storage = await ObjectStore.open(settings, runtime.stack)
-    pools = LocalPool(settings.var_dir.resolve() / "log")
+    pools = LocalPool(settings.var_dir.resolve() / "log", max_workers=settings.local_max_workers)
     runtime.stack.push_async_callback(pools.close)  # workers go when the service goes
     depths = QueueDepths(settings.amqp_url)
     runtime.stack.push_async_callback(depths.close)

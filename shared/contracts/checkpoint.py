@@ -7,7 +7,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from shared.contracts.identity import Body, Principal
 from shared.messaging import Event
@@ -49,7 +49,15 @@ def safe_file_name(name: str) -> str:
     return name
 
 
-FileName = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(safe_file_name)]
+# What the OpenAPI document says of a plain file name (`safe_file_name` decides): no folder
+# separators or control characters, and something besides spaces and dots.
+PLAIN_NAME_PATTERN = r"^[^/\\\x00-\x1f]*[^/\\\x00-\x1f\s.][^/\\\x00-\x1f]*$"
+
+FileName = Annotated[
+    str,
+    Field(min_length=1, max_length=255, json_schema_extra={"pattern": PLAIN_NAME_PATTERN}),
+    AfterValidator(safe_file_name),
+]
 
 
 def extension_allowed(name: str) -> bool:
@@ -65,10 +73,27 @@ class MultipartFile(Body):
 
 
 class CreateCheckpointBody(Body):
+    # one source or the other, as the OpenAPI document can say it (the validator decides)
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["filenames"], "properties": {"filenames": {"type": "array"}}},
+                {"required": ["urls"], "properties": {"urls": {"type": "array"}}},
+            ]
+        },
+    )
+
     checkpoint_type: CheckpointType
     filenames: Annotated[list[MultipartFile], Field(min_length=1, max_length=20)] | None = None
     urls: (
-        Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(min_length=1, max_length=20)] | None
+        Annotated[
+            list[
+                Annotated[str, Field(min_length=1, max_length=4096, json_schema_extra={"pattern": "^https?://[^/?#]+"})]
+            ],
+            Field(min_length=1, max_length=20),
+        ]
+        | None
     ) = None
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -85,7 +110,8 @@ class PartTag(Body):
 
 
 class UpdateCheckpointBody(Body):
-    status: CheckpointStatus | None = None
+    # only these two may be asked for; others get a message saying so
+    status: Annotated[CheckpointStatus, WithJsonSchema({"enum": ["Active", "Disabled"]})] | None = None
     multi_parts_tags: dict[str, list[PartTag]] | None = None
     name: FileName | None = None
 

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.messaging import Event
+from shared.permissions import ALL_PERMISSIONS
 from shared.rpc import command
 
 SERVICE = "identity"
@@ -48,9 +49,13 @@ class DeleteUsersBody(Body):
     user_name_list: Annotated[list[Name], Field(min_length=1, max_length=100)]
 
 
+# checked by identity with ESD's message; the document lists them
+Permission = Annotated[Name, Field(json_schema_extra={"enum": list(ALL_PERMISSIONS)})]
+
+
 class CreateRoleBody(Body):
     role_name: Name
-    permissions: Annotated[list[Name], Field(min_length=1, max_length=100)]
+    permissions: Annotated[list[Permission], Field(min_length=1, max_length=100)]
     initial: bool = False
 
 

@@ -110,7 +110,7 @@ class DeleteEndpointsBody(Body):
 
 
 class CreateInferenceBody(Body):
-    task_type: str
+    task_type: str = Field(json_schema_extra={"enum": list(TASK_TYPES)})  # checked with ESD's message
     inference_type: EndpointType
     models: dict[str, list[str]] = Field(default_factory=dict)
     sagemaker_endpoint_name: str | None = None

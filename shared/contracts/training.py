@@ -6,10 +6,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 
-from shared.contracts.checkpoint import FileName, safe_file_name
+from shared.contracts.checkpoint import PLAIN_NAME_PATTERN, FileName, safe_file_name
 from shared.contracts.identity import Body, Principal
 from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
 from shared.contracts.workers import GoAhead
@@ -41,7 +41,12 @@ def _folder(value: str) -> str:
     return safe_file_name(value)
 
 
-Folder = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_folder)]
+Folder = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128),
+    Field(json_schema_extra={"pattern": PLAIN_NAME_PATTERN}),
+    AfterValidator(_folder),
+]
 
 
 # --- HTTP bodies -------------------------------------------------------------------------
@@ -69,9 +74,21 @@ class DeleteDatasetsBody(Body):
     dataset_name_list: Annotated[list[Folder], Field(min_length=1, max_length=100)]
 
 
+def _one_of(*fields: str) -> dict[str, Any]:
+    return {
+        "anyOf": [{"required": [name], "properties": {name: {"type": "string", "minLength": 1}}} for name in fields]
+    }
+
+
 class TrainingParams(Body):
+    # what the validator below asks, as the OpenAPI document can say it
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"allOf": [_one_of("model", "s3_model_path"), _one_of("dataset", "s3_data_path")]},
+    )
+
     training_instance_type: str = "local"
-    fm_type: str = "sd_1_5"
+    fm_type: str = Field("sd_1_5", json_schema_extra={"enum": ["sd_1_5", "sd_xl"]})
     model: str | None = None  # an Active Stable-diffusion checkpoint's file name
     s3_model_path: str | None = None
     dataset: str | None = None  # a dataset name

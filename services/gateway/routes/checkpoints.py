@@ -1,11 +1,14 @@
 """/checkpoints: upload (multipart or by URL), activate, rename, disable, list, delete."""
 
+import re
+from enum import StrEnum
+
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from services.gateway.bodies import body_doc, json_body
-from services.gateway.envelope import answers, respond
+from services.gateway.envelope import Optional, answers, respond
 from services.gateway.security import named_user, require, rpc
 from shared.contracts.checkpoint import (
     CREATE_CHECKPOINT,
@@ -15,6 +18,8 @@ from shared.contracts.checkpoint import (
     UPDATE_CHECKPOINT,
     CheckpointItem,
     CheckpointPage,
+    CheckpointStatus,
+    CheckpointType,
     CheckpointView,
     CreateCheckpoint,
     CreateCheckpointBody,
@@ -47,6 +52,13 @@ class CheckpointUpdated(BaseModel):
     checkpoint: CheckpointView | None = None
 
 
+def _names(values: type[StrEnum]) -> dict:
+    """A query list of these values, repeated (`?types=a&types=b`) or comma-separated (`?types=a,b`),
+    as the document states it."""
+    one = "|".join(re.escape(value.value) for value in values)
+    return {"items": {"type": "string", "pattern": f"^({one})(,({one}))*$"}}
+
+
 def _split(values: list[str]) -> list[str]:
     """Repeated (`?types=a&types=b`) and comma-separated (`?types=a,b`) both work."""
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
@@ -58,8 +70,8 @@ async def list_checkpoints(
     principal: Principal = Depends(require("checkpoint:all", "checkpoint:list")),
     page: int = Query(1, ge=1),
     per_page: int = Query(10, ge=1, le=1000),
-    types: list[str] = Query([]),
-    status: list[str] = Query([]),
+    types: list[str] = Query([], json_schema_extra=_names(CheckpointType)),
+    status: list[str] = Query([], json_schema_extra=_names(CheckpointStatus)),
     username: str | None = None,
 ) -> Response:
     command = ListCheckpoints(actor=principal, page=page, per_page=per_page, types=_split(types), status=_split(status))
@@ -103,7 +115,7 @@ async def create_checkpoint(
 @router.put(
     "/checkpoints/{checkpoint_id}",
     openapi_extra=body_doc(UpdateCheckpointBody),
-    responses=answers({200: CheckpointUpdated, 202: None}, 400, 401, 404, 413),
+    responses=answers({200: Optional(CheckpointUpdated), 202: None}, 400, 401, 404, 413),
 )
 async def update_checkpoint(
     request: Request,

@@ -19,6 +19,7 @@ from shared.contracts.inference import (
     EndpointView,
     ListEndpoints,
 )
+from shared.esd import POSITION_PATTERN
 
 router = APIRouter(tags=["endpoints"])
 
@@ -29,7 +30,7 @@ async def list_endpoints(
     principal: Principal = Depends(require("sagemaker_endpoint:all", "sagemaker_endpoint:list")),
     username: str | None = None,
     limit: int = Query(10, ge=1, le=1000),
-    exclusive_start_key: str | None = None,
+    exclusive_start_key: str | None = Query(None, pattern=POSITION_PATTERN),
 ) -> Response:
     command = ListEndpoints(actor=principal, limit=limit, exclusive_start_key=exclusive_start_key)
     if username:

@@ -29,6 +29,7 @@ from shared.contracts.inference import (
     ListInferences,
     StartInference,
 )
+from shared.esd import POSITION_PATTERN
 
 router = APIRouter(tags=["inferences"])
 
@@ -106,7 +107,7 @@ async def list_inferences(
     type: str = "txt2img",
     username: str | None = None,
     limit: int = Query(10, ge=1, le=100),
-    exclusive_start_key: str | None = None,
+    exclusive_start_key: str | None = Query(None, pattern=POSITION_PATTERN),
 ) -> Response:
     command = ListInferences(
         actor=principal, task_type=type, username=username, limit=limit, exclusive_start_key=exclusive_start_key

@@ -39,6 +39,7 @@ from shared.contracts.training import (
     UpdateDatasetBody,
     UpdatedDataset,
 )
+from shared.esd import POSITION_PATTERN
 
 router = APIRouter(tags=["trainings"])
 TRAIN = require("train:all")
@@ -64,7 +65,7 @@ async def list_trainings(
     request: Request,
     principal: Principal = Depends(TRAIN),
     limit: int = Query(10, ge=1, le=100),
-    exclusive_start_key: str | None = None,
+    exclusive_start_key: str | None = Query(None, pattern=POSITION_PATTERN),
 ) -> Response:
     command = ListTrainings(actor=principal, limit=limit, exclusive_start_key=exclusive_start_key)
     return respond(200, await rpc(request).call(LIST_TRAININGS, command))

@@ -1,0 +1,101 @@
+"""The OpenAPI document at /api says what the API does: schemathesis sends requests generated
+from it (its examples, boundary values and random ones) to a stack of its own and checks that
+no answer is a server error, every status code and body is the documented one, and a request
+the document calls valid is refused only for a reason the document cannot state (a name taken,
+a model that does not exist, a job in another state...).
+
+The stack runs no workers (`ESD_LOCAL_MAX_WORKERS=0`): the generated endpoints would otherwise
+start real ones."""
+
+import json
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import make_stack
+
+# Rejections of valid-looking requests that depend on data or state, not on the request's shape.
+DOMAIN_REASONS = [
+    r'user: ".*" not exist',
+    r'user roles ".*" not exist',
+    r"already exists",
+    r"is given twice",
+    r"content names a file twice",
+    r"min_instance_number \d+ is above max_instance_number \d+",
+    r"a Real-time endpoint with autoscaling needs min_instance_number >= 1",
+    r"no available .* endpoints for user",
+    r"endpoint .* (not found|no longer exists|is \w+, not \S+)",
+    r"checkpoint with name .*, type .* is not found",
+    r"checkpoint not found with id",
+    r"InferenceJobId .* not found",
+    r"models must name a Stable-diffusion checkpoint",
+    r"payload_string must be valid json string",
+    r"api_param\.json has not been uploaded yet",
+    r"dataset .* is (not found|not Enabled yet)",
+    r"files not uploaded yet",
+    r"s3_(model|data)_path .* (does not exist|holds no files)",
+    r"is not a path in this platform's bucket|is not an s3:// location|is not a valid s3:// location",
+    r"only active can update name|only an uploaded checkpoint can be disabled|is still downloading",
+    r"multi parts tags (is empty|are missing|name files)|has no multipart upload|could not complete the upload",
+    r"cannot tell a file name from|is not a model file",
+    r"cannot delete default role",
+]
+
+FAILURE = re.compile(r"^- (?P<title>.+)$", re.M)
+ANSWER = re.compile(r"^\[(?P<status>\d+)\][^\n]*\n\n\s+`(?P<body>.*)`$", re.M)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_stack(tmp_path_factory):
+    stack = make_stack(tmp_path_factory.mktemp("openapi-stack"))
+    stack.base_env.update({"ESD_LOCAL_MAX_WORKERS": "0", "ESD_TRAINING_WORKERS": "0"})
+    stack.up()
+    yield stack
+    stack.down()
+
+
+def test_the_api_answers_as_its_document_says(fuzzed_stack, tmp_path):
+    schemathesis = Path(sys.executable).with_name("st")
+    run = subprocess.run(
+        [
+            str(schemathesis),
+            "run",
+            f"{fuzzed_stack.gateway_url}/api",
+            "-H",
+            f"x-api-key: {fuzzed_stack.api_key}",
+            "-H",
+            "username: admin",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance,positive_data_acceptance",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-examples",
+            "25",
+            "--generation-deterministic",
+            "--seed",
+            str(uuid.UUID("00000000-0000-0000-0000-0000000000e5").int),
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    output = run.stdout + run.stderr
+    assert "generated" in output, output[-3000:]
+    titles = set(FAILURE.findall(output.split("SUMMARY")[0]))
+    assert titles <= {"ST202 Schema-valid request rejected"}, output[-6000:]
+    refused = [
+        json.loads(answer.group("body"))["message"]
+        for answer in ANSWER.finditer(output)
+        if answer.group("status") == "400"
+    ]
+    for message in refused:
+        assert any(re.search(reason, message) for reason in DOMAIN_REASONS), (
+            f"refused for a reason the document could state: {message}"
+        )
