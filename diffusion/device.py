@@ -12,3 +12,11 @@ def choose_device(setting: str = "auto") -> torch.device:
     if setting.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting.strip())
+
+
+def limit_threads(threads: int) -> None:
+    """Run torch's CPU work on this many threads (0: torch's own choice, every core). Workers
+    sharing a host divide its cores: two workers each using every core run slower together
+    than one alone."""
+    if threads > 0:
+        torch.set_num_threads(threads)

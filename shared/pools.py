@@ -68,8 +68,8 @@ class LocalPool:
 
     async def scale(self, endpoint: str, count: int) -> None:
         pool = self._alive(endpoint)
+        others = sum(len(self._alive(name)) for name in list(self.workers) if name != endpoint)
         if self.max_workers is not None and count > len(pool):
-            others = sum(len(self._alive(name)) for name in list(self.workers) if name != endpoint)
             room = max(0, self.max_workers - others)
             if count > room:
                 if self.held_back.get(endpoint) != count - room:
@@ -80,6 +80,7 @@ class LocalPool:
                 count = room
             else:
                 self.held_back.pop(endpoint, None)
+        host_total = others + count
         while len(pool) < count:
             worker_id = f"{endpoint}-{uuid.uuid4().hex[:6]}"
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +95,19 @@ class LocalPool:
                     worker_id,
                     stdout=output,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=self.env,
+                    env=self._worker_env(host_total),
                     start_new_session=True,
                 )
             log.info("pool.worker_started", endpoint=endpoint, worker_id=worker_id, pid=pool[worker_id].pid)
         surplus = list(pool)[count:]
         await asyncio.gather(*(self._stop(endpoint, worker_id) for worker_id in surplus))
+
+    def _worker_env(self, host_total: int) -> dict[str, str]:
+        """The workers of this host share its cores: each new one gets its part, unless the
+        operator named a thread count."""
+        if self.env.get("ESD_WORKER_THREADS"):
+            return self.env
+        return {**self.env, "ESD_WORKER_THREADS": str(max(1, (os.cpu_count() or 1) // max(host_total, 1)))}
 
     async def _stop(self, endpoint: str, worker_id: str) -> None:
         process = self.workers.get(endpoint, {}).pop(worker_id, None)

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     realtime_timeout: float = 300.0
     worker_device: str = "auto"  # auto | cpu | cuda
     worker_heartbeat_seconds: float = 2.0
+    # torch's CPU threads per worker (0: torch's choice); the local pools set it per worker to
+    # the host's cores divided among its workers
+    worker_threads: int = 0
     # inference workers this host runs at most, all local pools together (0: none, a host that
     # runs only the services)
     local_max_workers: int = 8

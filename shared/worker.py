@@ -82,6 +82,10 @@ class WorkerRuntime:
         `queue` one at a time until SIGTERM/SIGINT, then drain."""
         async with AsyncExitStack() as stack:
             self.storage = await ObjectStore.open(self.settings, stack)
+            if self.settings.worker_threads:
+                from diffusion.device import limit_threads  # torch: workers only
+
+                limit_threads(self.settings.worker_threads)
             if warm_up is not None:
                 await asyncio.to_thread(warm_up)
             work_queue = self.names.work_queue(queue)
