@@ -46,12 +46,19 @@ class Unavailable(EsdError):
     status = 503
 
 
+class JobTimeout(EsdError):
+    """A caller waited for a job as long as it may; the job goes on."""
+
+    status = 504
+
+
 class Internal(EsdError):
     status = 500
 
 
 _BY_KIND: dict[str, type[EsdError]] = {
-    cls.__name__: cls for cls in (Invalid, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unavailable, Internal)
+    cls.__name__: cls
+    for cls in (Invalid, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unavailable, JobTimeout, Internal)
 }
 
 

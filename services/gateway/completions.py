@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from shared.errors import EsdError
+from shared.errors import JobTimeout
 
 
 class Completions:
@@ -59,7 +59,3 @@ class Completions:
             except TimeoutError:
                 if await finished():
                     return
-
-
-class JobTimeout(EsdError):
-    status = 504

@@ -21,10 +21,6 @@ from services.inference.worker.engine import (
 from shared.errors import Invalid
 
 # diffusers' schedulers trip numpy 2 deprecations on every job; they are theirs, not ours
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
-]
 
 SMALL = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64}
 

@@ -11,11 +11,6 @@ from PIL import Image, ImageChops
 
 from services.inference.worker.engine import Engine, GenerationRequest, ModelFiles
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
-]
-
 SMALL = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64}
 
 

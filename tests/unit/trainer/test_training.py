@@ -28,10 +28,6 @@ from shared.errors import Invalid
 from tests.unit.trainer.conftest import SMALL
 
 # diffusers' schedulers trip numpy 2 deprecations on every job; they are theirs, not ours
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
-]
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
