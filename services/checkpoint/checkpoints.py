@@ -20,6 +20,7 @@ from services.checkpoint.store import CheckpointStore
 from shared.contracts.checkpoint import (
     DOWNLOADS,
     RENAMES,
+    CheckFileName,
     CheckpointActivated,
     CheckpointDeleted,
     CheckpointDisabled,
@@ -32,6 +33,7 @@ from shared.contracts.checkpoint import (
     CreatedCheckpoint,
     DeleteCheckpoints,
     DownloadCheckpoint,
+    FileNameUse,
     FindCheckpoint,
     GetCheckpoint,
     ListCheckpoints,
@@ -246,6 +248,10 @@ class Checkpoints:
         ):
             raise not_found
         return checkpoint.item()
+
+    async def check_file_name(self, command: CheckFileName) -> FileNameUse:
+        holder = await self.store.holder(command.name)
+        return FileNameUse(taken=holder is not None, checkpoint_id=holder)
 
     async def register(self, command: RegisterCheckpoint) -> CheckpointItem:
         existing = await self.store.get(command.checkpoint_id)

@@ -20,6 +20,7 @@ def register(runtime: Runtime, checkpoints: Checkpoints) -> None:
             contract.GET_CHECKPOINT: checkpoints.get,
             contract.FIND_CHECKPOINT: checkpoints.find,
             contract.REGISTER_CHECKPOINT: checkpoints.register,
+            contract.CHECK_FILE_NAME: checkpoints.check_file_name,
         }
     )
     broker, names = runtime.broker, runtime.names

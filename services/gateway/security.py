@@ -12,15 +12,18 @@ import hmac
 import time
 from collections.abc import Callable, Iterable
 
+import structlog
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.envelope import forbidden_api_key, respond
 from shared.contracts.identity import AUTHENTICATE_USER, AuthenticateUser, Principal
 from shared.errors import Forbidden, Invalid, PayloadTooLarge, Unauthorized
-from shared.permissions import allows_any
+from shared.permissions import EVERY_ALL, allows_any
 from shared.rpc import RpcClient
 from shared.settings import API_VERSION
+
+log = structlog.get_logger(__name__)
 
 # Documentation pages carry no data and a browser opening them sends no key.
 OPEN_PATHS = frozenset({"/api", "/docs", "/docs/oauth2-redirect", "/prod/api", "/prod/docs"})
@@ -77,6 +80,13 @@ class EdgeMiddleware:
             return message
 
         return receive_limited
+
+
+def names_a_user(headers: dict[str, str] | object) -> bool:
+    """Whether a request says who acts (a `username` header or a bearer token), rightly or not."""
+    username = headers.get("username")  # type: ignore[union-attr]
+    authorization = headers.get("authorization")  # type: ignore[union-attr]
+    return bool((username and username.strip()) or (authorization and authorization.strip()))
 
 
 def acting_username(headers: dict[str, str] | object) -> str:
@@ -158,10 +168,20 @@ async def named_user(request: Request, username: str) -> Principal:
         raise Invalid(f'user: "{username}" not exist') from None
 
 
-def require(*permissions: str) -> Callable:
-    """A dependency: the acting user, holding at least one of `permissions`."""
+# Who acts in a call that ESD serves with the API key alone and that names no user: the
+# deployment itself, with every permission (the key is the deployment's credential).
+DEPLOYMENT = Principal(username="@deployment", roles=[], permissions=list(EVERY_ALL))
+
+
+def require(*permissions: str, key_only: bool = False) -> Callable:
+    """A dependency: the acting user, holding at least one of `permissions`. On the routes ESD
+    1.5 serves with the key alone (`key_only`), a call that names no user acts with the
+    deployment's authority (logged as such); one that names a user is checked as that user."""
 
     async def dependency(request: Request) -> Principal:
+        if key_only and not names_a_user(request.headers):
+            log.info("request.key_only", method=request.method, path=request.url.path)
+            return DEPLOYMENT
         principal = await current_principal(request)
         check_permissions(principal, permissions)
         return principal

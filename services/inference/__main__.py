@@ -30,7 +30,7 @@ async def setup(runtime: Runtime):
     runtime.stack.push_async_callback(depths.close)
     # a worker is alive while its heartbeats keep coming; three missed ones and it is gone
     live_within = 3 * settings.worker_heartbeat_seconds
-    jobs = Jobs(store, storage, runtime.events, broker, names)
+    jobs = Jobs(store, storage, runtime.events, broker, names, depths, live_within=live_within)
     endpoints = Endpoints(store, pools, runtime.events, broker, names, live_within=live_within, fail_job=jobs.fail)
     catalog = Catalog(store)
     autoscaler = Autoscaler(

@@ -154,16 +154,16 @@ def check_task_type(task_type: str) -> None:
         raise Invalid(f"task type {task_type} should be in {list(EXTRA_TASKS)} or {list(RUNNABLE_TASKS)}")
 
 
-def choose_endpoint(
+def candidate_endpoints(
     endpoints: list[Endpoint],
     *,
     inference_type: EndpointType,
     named: str | None,
     username: str,
     roles: list[str],
-) -> Endpoint:
-    """The named endpoint (it must be in service), or an in-service endpoint of the type
-    whose roles the user shares (the least loaded is the caller's business: pools scale)."""
+) -> list[Endpoint]:
+    """Where a job may run: the named endpoint (it must be in service), or every in-service
+    endpoint of the type whose roles the user shares; none is a 400 in ESD's words."""
     if named:
         for endpoint in endpoints:
             if endpoint.name == named:
@@ -171,16 +171,28 @@ def choose_endpoint(
                     raise Invalid(f"endpoint {named} is {endpoint.status.value}, not InService")
                 if endpoint.type != inference_type:
                     raise Invalid(f"endpoint {named} is {endpoint.type.value}, not {inference_type.value}")
-                return endpoint
+                return [endpoint]
         raise Invalid(f"endpoint {named} not found")
-    for endpoint in endpoints:
-        if (
-            endpoint.type == inference_type
-            and endpoint.status == EndpointStatus.IN_SERVICE
-            and shares_a_role(endpoint.roles, roles)
-        ):
-            return endpoint
-    raise Invalid(f'no available {inference_type.value} endpoints for user "{username}"')
+    found = [
+        endpoint
+        for endpoint in endpoints
+        if endpoint.type == inference_type
+        and endpoint.status == EndpointStatus.IN_SERVICE
+        and shares_a_role(endpoint.roles, roles)
+    ]
+    if not found:
+        raise Invalid(f'no available {inference_type.value} endpoints for user "{username}"')
+    return found
+
+
+def least_busy(candidates: list[Endpoint], load: dict[str, float]) -> Endpoint:
+    """The candidate with the least work per live worker (the first of equals)."""
+    return min(candidates, key=lambda endpoint: load.get(endpoint.name, 0.0))
+
+
+def load_of(queued: int, busy: int, live: int) -> float:
+    """Jobs waiting or running, per live worker (an endpoint with no worker yet counts as one)."""
+    return (queued + busy) / max(live, 1)
 
 
 def requested_models(models: dict[str, list[str]]) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ import structlog
 from faststream.rabbit import RabbitBroker
 
 from services.inference import domain
-from services.inference.domain import InferenceJob
+from services.inference.domain import Endpoint, InferenceJob
 from services.inference.store import InferenceStore
 from shared.contracts.inference import (
     CreatedInference,
@@ -43,10 +43,10 @@ from shared.contracts.inference import (
     UsedModel,
     queue_of,
 )
-from shared.contracts.workers import GoAhead
+from shared.contracts.workers import GoAhead, WorkerState
 from shared.errors import Invalid, NotFound
 from shared.esd import decode_position, encode_position, esd_time
-from shared.messaging import EventPublisher, Names, send_work
+from shared.messaging import EventPublisher, Names, QueueDepths, send_work
 from shared.permissions import allows
 from shared.storage import ObjectStore
 
@@ -64,30 +64,37 @@ class Jobs:
         events: EventPublisher,
         broker: RabbitBroker,
         names: Names,
+        depths: QueueDepths,
+        *,
+        live_within: float,
     ) -> None:
         self.store = store
         self.storage = storage
         self.events = events
         self.broker = broker
         self.names = names
+        self.depths = depths
+        self.live_within = live_within
 
     async def create(self, command: CreateInference) -> CreatedInference:
         domain.check_task_type(command.task_type)
-        endpoint = domain.choose_endpoint(
+        if command.payload_string is not None:  # before an endpoint is chosen, as ESD checks it
+            try:
+                json.loads(command.payload_string)
+            except ValueError:
+                raise Invalid("payload_string must be valid json string") from None
+        candidates = domain.candidate_endpoints(
             await self.store.all_endpoints(),
             inference_type=command.inference_type,
             named=command.sagemaker_endpoint_name,
             username=command.actor.username,
             roles=command.actor.roles,
         )
+        endpoint = (
+            candidates[0] if len(candidates) == 1 else domain.least_busy(candidates, await self._loads(candidates))
+        )
         domain.check_runnable(command.task_type, command.models)
         files, refs = await self._models(command.models)
-        payload = None
-        if command.payload_string is not None:
-            try:
-                payload = json.loads(command.payload_string)
-            except ValueError:
-                raise Invalid("payload_string must be valid json string") from None
         inference_id = str(uuid.uuid4())
         job = InferenceJob(
             id=inference_id,
@@ -104,7 +111,7 @@ class Jobs:
             payload_key=domain.payload_key(command.task_type, inference_id),
             created=time.time(),
         )
-        if payload is not None:
+        if command.payload_string is not None:
             await self.storage.put(job.payload_key, command.payload_string.encode(), "application/json")
         await self.store.add_job(job)
         log.info("inference.created", inference_id=inference_id, endpoint=endpoint.name, actor=command.actor.username)
@@ -115,6 +122,15 @@ class Jobs:
             api_params_s3_upload_url=await self.storage.presign_put(job.payload_key),
             models=job.models,
         )
+
+    async def _loads(self, endpoints: list[Endpoint]) -> dict[str, float]:
+        loads = {}
+        for endpoint in endpoints:
+            live = await self.store.live_workers(endpoint.name, self.live_within)
+            busy = sum(1 for worker in live if worker.state is WorkerState.BUSY)
+            queued = await self.depths.depth(self.names.work_queue(queue_of(endpoint.name)).name)
+            loads[endpoint.name] = domain.load_of(queued, busy, len(live))
+        return loads
 
     async def _models(self, models: dict[str, list[str]]) -> tuple[list[ModelFile], list[ModelRef]]:
         """The files a worker fetches, and ESD's list of the models by type; every named

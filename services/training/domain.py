@@ -101,5 +101,10 @@ def output_prefix(training_id: str) -> str:
     return f"kohya/train/{training_id}/output"
 
 
+def lora_file_name(output_name: str) -> str:
+    """The file a training's LoRA is saved as (kohya's `<output_name>.safetensors`)."""
+    return f"{output_name}.safetensors"
+
+
 def lora_checkpoint_id(training_id: str) -> str:
     return str(uuid.uuid5(REGISTRATIONS, training_id))

@@ -15,6 +15,7 @@ from services.training.domain import TrainingJob
 from services.training.store import TrainingStore
 from shared.contracts import checkpoint as checkpoints
 from shared.contracts.identity import Principal
+from shared.contracts.kohya import TrainingConfig
 from shared.contracts.training import (
     JOBS,
     CreatedTraining,
@@ -67,6 +68,7 @@ class Trainings:
 
     async def create(self, command: CreateTraining) -> CreatedTraining:
         params = command.params.training_params
+        await self._check_output_name(command)
         model_key, model_name = await self._base_model(command.actor, params.model, params.s3_model_path)
         data_prefix = await self._data(params.dataset, params.s3_data_path)
         training_id = str(uuid.uuid4())
@@ -106,6 +108,17 @@ class Trainings:
             input_location=self.storage.uri(data_prefix),
             output_location=self.storage.uri(training.output_prefix),
         )
+
+    async def _check_output_name(self, command: CreateTraining) -> None:
+        """The LoRA will be a checkpoint named after `output_name`: a name already taken is a
+        400 now (as later ESD versions answer), not a silently renamed file later."""
+        config = TrainingConfig.from_esd(command.params.config_params, fm_type=command.params.training_params.fm_type)
+        name = domain.lora_file_name(config.output_name)
+        use = await self.rpc.call(checkpoints.CHECK_FILE_NAME, checkpoints.CheckFileName(name=name))
+        if use.taken:
+            raise Invalid(
+                f"output_name {config.output_name}: {name} already exists, please use another or rename/delete exists"
+            )
 
     async def _base_model(self, actor: Principal, name: str | None, s3_path: str | None) -> tuple[str, str]:
         if name:

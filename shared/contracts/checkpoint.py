@@ -162,6 +162,17 @@ class FindCheckpoint(BaseModel):
     name: str
 
 
+class CheckFileName(BaseModel):
+    """Whether a file name is free: file names are unique across all checkpoints."""
+
+    name: str
+
+
+class FileNameUse(BaseModel):
+    taken: bool
+    checkpoint_id: str | None = None
+
+
 class RegisterCheckpoint(BaseModel):
     """Make a file another service produced (a trained LoRA) an Active checkpoint. The caller
     chooses the id, so a repeated request registers once."""
@@ -236,6 +247,7 @@ LIST_CHECKPOINTS = command(SERVICE, ListCheckpoints, CheckpointPage)
 GET_CHECKPOINT = command(SERVICE, GetCheckpoint, CheckpointItem)
 FIND_CHECKPOINT = command(SERVICE, FindCheckpoint, CheckpointItem)
 REGISTER_CHECKPOINT = command(SERVICE, RegisterCheckpoint, CheckpointItem)
+CHECK_FILE_NAME = command(SERVICE, CheckFileName, FileNameUse)
 
 
 # --- work queues ---------------------------------------------------------------------------

@@ -170,6 +170,24 @@ def test_a_bad_config_is_refused_when_the_training_is_created(api, base_model):
     assert "config_params.max_train_epochs" in response.json()["message"]
 
 
+def test_an_output_name_that_an_existing_checkpoint_has_is_refused(api, base_model):
+    dataset = unique("taken")
+    make_dataset(api, dataset, count=1)
+    taken = base_model.removesuffix(".safetensors")
+    response = api(
+        "POST",
+        "/trainings",
+        json={
+            "params": {
+                "training_params": {"model": base_model, "dataset": dataset},
+                "config_params": {"training": {"output_name": taken}},
+            }
+        },
+    )
+    assert response.status_code == 400
+    assert f"{base_model} already exists" in response.json()["message"]
+
+
 def test_a_training_that_breaks_while_running_ends_failed_with_the_reason(api, base_model):
     dataset = unique("bad")
     make_dataset(api, dataset, count=1)

@@ -99,8 +99,8 @@ async def get_checkpoint(
 )
 async def create_checkpoint(
     request: Request,
-    principal: Principal = Depends(require("checkpoint:all", "checkpoint:create")),
     body: CreateCheckpointBody = Depends(json_body(CreateCheckpointBody)),
+    principal: Principal = Depends(require("checkpoint:all", "checkpoint:create")),
 ) -> Response:
     created = await rpc(request).call(CREATE_CHECKPOINT, CreateCheckpoint(**body.model_dump(), actor=principal))
     if body.urls is not None:
@@ -120,8 +120,8 @@ async def create_checkpoint(
 async def update_checkpoint(
     request: Request,
     checkpoint_id: str,
-    principal: Principal = Depends(require("checkpoint:all", "checkpoint:create")),
     body: UpdateCheckpointBody = Depends(json_body(UpdateCheckpointBody)),
+    principal: Principal = Depends(require("checkpoint:all", "checkpoint:create", key_only=True)),
 ) -> Response:
     command = UpdateCheckpoint(**body.model_dump(), actor=principal, checkpoint_id=checkpoint_id)
     updated = await rpc(request).call(UPDATE_CHECKPOINT, command)
@@ -137,8 +137,8 @@ async def update_checkpoint(
 )
 async def delete_checkpoints(
     request: Request,
-    principal: Principal = Depends(require("checkpoint:all")),
     body: DeleteCheckpointsBody = Depends(json_body(DeleteCheckpointsBody)),
+    principal: Principal = Depends(require("checkpoint:all", key_only=True)),
 ) -> Response:
     await rpc(request).call(DELETE_CHECKPOINTS, DeleteCheckpoints(**body.model_dump(), actor=principal))
     return respond(204)

@@ -46,8 +46,8 @@ async def list_endpoints(
 )
 async def create_endpoint(
     request: Request,
-    principal: Principal = Depends(require("sagemaker_endpoint:all", "sagemaker_endpoint:create")),
     body: CreateEndpointBody = Depends(json_body(CreateEndpointBody)),
+    principal: Principal = Depends(require("sagemaker_endpoint:all", "sagemaker_endpoint:create")),
 ) -> Response:
     endpoint = await rpc(request).call(CREATE_ENDPOINT, CreateEndpoint(**body.model_dump(), actor=principal))
     return respond(202, endpoint, message=f"Endpoint deployment started: {endpoint.endpoint_name}")
@@ -61,8 +61,8 @@ async def create_endpoint(
 )
 async def delete_endpoints(
     request: Request,
-    principal: Principal = Depends(require("sagemaker_endpoint:all")),
     body: DeleteEndpointsBody = Depends(json_body(DeleteEndpointsBody)),
+    principal: Principal = Depends(require("sagemaker_endpoint:all", key_only=True)),
 ) -> Response:
     # stopping a pool lets running jobs finish: allow for it
     await rpc(request).call(DELETE_ENDPOINTS, DeleteEndpoints(**body.model_dump(), actor=principal), timeout=120)

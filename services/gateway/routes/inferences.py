@@ -72,8 +72,8 @@ async def _start(request: Request, principal: Principal, inference_id: str) -> R
 )
 async def create_inference(
     request: Request,
-    principal: Principal = Depends(require(*CAN_RUN)),
     body: CreateInferenceBody = Depends(json_body(CreateInferenceBody)),
+    principal: Principal = Depends(require(*CAN_RUN)),
 ) -> Response:
     created = await rpc(request).call(CREATE_INFERENCE, CreateInference(**body.model_dump(), actor=principal))
     if body.payload_string is not None:  # the "one API": create and start at once
@@ -95,7 +95,7 @@ async def start_inference(
 async def get_inference(
     request: Request,
     inference_id: str,
-    principal: Principal = Depends(require("inference:all", "inference:list", "inference:create")),
+    principal: Principal = Depends(require("inference:all", "inference:list", "inference:create", key_only=True)),
 ) -> Response:
     return respond(200, await _get(request, principal, inference_id))
 
@@ -103,7 +103,7 @@ async def get_inference(
 @router.get("/inferences", responses=answers({200: InferencePage}, 400, 401))
 async def list_inferences(
     request: Request,
-    principal: Principal = Depends(require("inference:all", "inference:list")),
+    principal: Principal = Depends(require("inference:all", "inference:list", key_only=True)),
     type: str = "txt2img",
     username: str | None = None,
     limit: int = Query(10, ge=1, le=100),
@@ -123,8 +123,8 @@ async def list_inferences(
 )
 async def delete_inferences(
     request: Request,
-    principal: Principal = Depends(require("inference:all")),
     body: DeleteInferencesBody = Depends(json_body(DeleteInferencesBody)),
+    principal: Principal = Depends(require("inference:all", key_only=True)),
 ) -> Response:
     await rpc(request).call(DELETE_INFERENCES, DeleteInferences(**body.model_dump(), actor=principal))
     return respond(204)

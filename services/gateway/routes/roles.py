@@ -50,8 +50,8 @@ async def create_role(request: Request, body: CreateRoleBody = Depends(json_body
 )
 async def delete_roles(
     request: Request,
-    principal: Principal = Depends(require("role:all")),
     body: DeleteRolesBody = Depends(json_body(DeleteRolesBody)),
+    principal: Principal = Depends(require("role:all", key_only=True)),
 ) -> Response:
     await rpc(request).call(DELETE_ROLES, DeleteRoles(**body.model_dump(), actor=principal))
     return respond(204)

@@ -53,8 +53,8 @@ TRAIN = require("train:all")
 )
 async def create_training(
     request: Request,
-    principal: Principal = Depends(TRAIN),
     body: CreateTrainingBody = Depends(json_body(CreateTrainingBody)),
+    principal: Principal = Depends(TRAIN),
 ) -> Response:
     created = await rpc(request).call(CREATE_TRAINING, CreateTraining(**body.model_dump(), actor=principal))
     return respond(201, created)
@@ -84,8 +84,8 @@ async def get_training(request: Request, training_id: str, principal: Principal 
 )
 async def delete_trainings(
     request: Request,
-    principal: Principal = Depends(TRAIN),
     body: DeleteTrainingsBody = Depends(json_body(DeleteTrainingsBody)),
+    principal: Principal = Depends(TRAIN),
 ) -> Response:
     await rpc(request).call(DELETE_TRAININGS, DeleteTrainings(**body.model_dump(), actor=principal))
     return respond(204)
@@ -99,8 +99,8 @@ async def delete_trainings(
 )
 async def create_dataset(
     request: Request,
-    principal: Principal = Depends(TRAIN),
     body: CreateDatasetBody = Depends(json_body(CreateDatasetBody)),
+    principal: Principal = Depends(TRAIN),
 ) -> Response:
     return respond(201, await rpc(request).call(CREATE_DATASET, CreateDataset(**body.model_dump(), actor=principal)))
 
@@ -113,8 +113,8 @@ async def create_dataset(
 async def update_dataset(
     request: Request,
     dataset_name: str,
-    principal: Principal = Depends(TRAIN),
     body: UpdateDatasetBody = Depends(json_body(UpdateDatasetBody)),
+    principal: Principal = Depends(TRAIN),
 ) -> Response:
     command = UpdateDataset(**body.model_dump(), actor=principal, dataset_name=dataset_name)
     return respond(200, await rpc(request).call(UPDATE_DATASET, command))
@@ -138,8 +138,8 @@ async def get_dataset(request: Request, dataset_name: str, principal: Principal 
 )
 async def delete_datasets(
     request: Request,
-    principal: Principal = Depends(TRAIN),
     body: DeleteDatasetsBody = Depends(json_body(DeleteDatasetsBody)),
+    principal: Principal = Depends(require("train:all", key_only=True)),
 ) -> Response:
     await rpc(request).call(DELETE_DATASETS, DeleteDatasets(**body.model_dump(), actor=principal))
     return respond(204)

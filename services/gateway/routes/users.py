@@ -52,8 +52,8 @@ async def create_user(request: Request, body: CreateUserBody = Depends(json_body
 )
 async def delete_users(
     request: Request,
-    principal: Principal = Depends(require("user:all")),
     body: DeleteUsersBody = Depends(json_body(DeleteUsersBody)),
+    principal: Principal = Depends(require("user:all")),
 ) -> Response:
     await rpc(request).call(DELETE_USERS, DeleteUsers(**body.model_dump(), actor=principal))
     return respond(204)
