@@ -21,6 +21,13 @@ def esd_time(timestamp: float | None) -> str | None:
 POSITION_PATTERN = r"^[0-9]{1,17}(\.[0-9]{1,17})?$"
 
 
+def created_at(esd_formatted: str | None) -> datetime:
+    """The time of an `esd_time` string (UTC); now when there is none."""
+    if not esd_formatted:
+        return datetime.now(UTC)
+    return datetime.strptime(esd_formatted, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+
+
 def encode_position(created: float) -> str:
     return repr(created)
 

@@ -10,12 +10,13 @@ broker, and carries events and work.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any, ClassVar, TypeVar
 
 import structlog
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.settings import Settings
 
@@ -28,9 +29,15 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class Event(BaseModel):
-    """Base of every event; subclasses set `routing_key` (`<domain>.<event>`)."""
+    """Base of every event; subclasses set `routing_key` (`<domain>.<event>`). Every event
+    carries its own id (a consumer that sees one twice drops the repeat), when it happened,
+    and the version of its schema (fields are added, never repurposed)."""
 
     routing_key: ClassVar[str]
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    occurred_at: float = Field(default_factory=time.time)
+    version: int = 1
 
 
 class Names:
@@ -58,6 +65,17 @@ class Names:
                 "x-dead-letter-exchange": f"{self.prefix}{DEAD_LETTER_EXCHANGE}",
                 "x-dead-letter-routing-key": f"{self.prefix}{name}",
             },
+        )
+
+    @property
+    def event_log(self) -> RabbitQueue:
+        """Every event, kept in order for a week (a RabbitMQ stream): what Server-Sent Events
+        clients read from, live or from where they left off."""
+        return RabbitQueue(
+            f"{self.prefix}{EVENTS_EXCHANGE}.log",
+            durable=True,
+            routing_key="#",
+            arguments={"x-queue-type": "stream", "x-max-age": "7D", "x-max-length-bytes": 2_000_000_000},
         )
 
     def heartbeat_queue(self, name: str) -> RabbitQueue:
@@ -102,6 +120,14 @@ async def declare_work_queue(broker: RabbitBroker, names: Names, name: str) -> N
     dead = await broker.declare_queue(names.dead_letter_queue(name))
     await dead.bind(dead_letters, routing_key=f"{names.prefix}{name}")
     await broker.declare_queue(names.work_queue(name))
+
+
+async def declare_event_log(broker: RabbitBroker, names: Names) -> None:
+    """The events exchange and the stream that keeps every event (idempotent; the broker must
+    be connected). Every service declares both at start, so no event goes unlogged."""
+    exchange = await broker.declare_exchange(names.events)
+    log = await broker.declare_queue(names.event_log)
+    await log.bind(exchange, routing_key="#")
 
 
 class QueueDepths:

@@ -15,7 +15,7 @@ import structlog
 from faststream.rabbit import RabbitBroker
 
 from shared.logging import configure_logging
-from shared.messaging import EventPublisher, Names, create_broker
+from shared.messaging import EventPublisher, Names, create_broker, declare_event_log
 from shared.rpc import CheckHealth, Health, RpcClient, RpcServer, health_check
 from shared.settings import Settings, get_settings
 
@@ -73,7 +73,7 @@ async def serve(service: str, setup: Setup, settings: Settings | None = None) ->
         runtime.rpc.register(health_check(service), health)
         await runtime.broker.connect()
         stack.push_async_callback(runtime.broker.stop)
-        await runtime.broker.declare_exchange(names.events)
+        await declare_event_log(runtime.broker, names)
         if prepare is not None:
             await prepare()
         await runtime.broker.start()

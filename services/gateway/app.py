@@ -14,8 +14,9 @@ from faststream.rabbit import RabbitQueue
 from services.gateway.bodies import BODY_DEFINITIONS
 from services.gateway.completions import Completions
 from services.gateway.envelope import ErrorReply, ForbiddenReply, install_error_handlers
-from services.gateway.routes import checkpoints, endpoints, inferences, ping, roles, trainings, users
+from services.gateway.routes import checkpoints, endpoints, events, inferences, ping, roles, trainings, users
 from services.gateway.security import EdgeMiddleware, Principals
+from services.gateway.streams import EventLog
 from shared.contracts.inference import InferenceFailed, InferenceSucceeded
 from shared.messaging import Event, Names, create_broker
 from shared.rpc import RpcClient
@@ -31,6 +32,7 @@ ROUTERS = (
     endpoints.router,
     inferences.router,
     trainings.router,
+    events.router,
 )
 
 
@@ -41,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
     names = Names(settings.broker_prefix)
     broker = create_broker(settings)
     rpc = RpcClient(settings.amqp_url, names.prefix, settings.rpc_timeout)
+    event_log = EventLog(settings.amqp_url, names)
     principals = Principals(rpc)
 
     completions = Completions()
@@ -69,8 +72,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await broker.start()
         await rpc.start()
+        await event_log.start()
         log.info("gateway.ready", host=settings.gateway_host, port=settings.gateway_port)
         yield
+        await event_log.close()
         await rpc.close()
         await broker.stop()
 
@@ -86,6 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.rpc = rpc
     app.state.principals = principals
     app.state.completions = completions
+    app.state.event_log = event_log
     app.state.settings = settings
     for router in ROUTERS:
         app.include_router(router)

@@ -305,7 +305,9 @@ def test_checkpoints_need_checkpoint_permissions(api):
     response = api("GET", "/checkpoints", user=user)
     assert response.status_code == 403
     assert response.json()["message"] == f"User {user} has no permissions: ['checkpoint:all', 'checkpoint:list']"
-    assert api("POST", "/checkpoints", user=user, json={}).status_code == 403
+    assert api("POST", "/checkpoints", user=user, json={}).status_code == 400  # the body is checked first
+    valid = {"checkpoint_type": "Lora", "urls": ["https://example.com/a.safetensors"]}
+    assert api("POST", "/checkpoints", user=user, json=valid).status_code == 403
     assert api("DELETE", "/checkpoints", user=user, json={"checkpoint_id_list": ["x"]}).status_code == 403
 
 

@@ -82,6 +82,8 @@ async def test_activation_and_deletion_are_announced(service, rpc, event_log):
         UpdateCheckpoint(checkpoint_id=checkpoint_id, status="Active", multi_parts_tags=tags, actor=ADMIN),
     )
     activated = await events.next("checkpoint.activated")
+    for metadata in ("id", "occurred_at", "version"):
+        activated.pop(metadata)
     assert activated == {
         "checkpoint_id": checkpoint_id,
         "checkpoint_type": "VAE",

@@ -88,7 +88,13 @@ async def test_created_user_is_stored_with_a_hash_and_announced(identity, rpc, a
     assert doc["password_hash"].startswith("$argon2id$")
     assert "s3cret-pw" not in str(doc)
     created = await events.next("user.created")
-    assert created == {"username": "hashme", "roles": ["byoc"], "creator": "admin"}
+    assert {key: created[key] for key in ("username", "roles", "creator", "version")} == {
+        "username": "hashme",
+        "roles": ["byoc"],
+        "creator": "admin",
+        "version": 1,
+    }
+    assert len(created["id"]) == 32 and created["occurred_at"] > 0
 
     await rpc.call(
         CREATE_USER,
@@ -135,7 +141,7 @@ async def test_deleting_a_role_removes_it_from_its_users(identity, rpc, admin, e
     assert users.users[0].roles == ["byoc"]
     roles = await rpc.call(LIST_ROLES, ListRoles(actor=admin, role="Temp"))
     assert roles.roles == []
-    assert (await events.next("role.deleted")) == {"role_name": "Temp"}
+    assert (await events.next("role.deleted"))["role_name"] == "Temp"
 
 
 async def test_the_default_role_stays(rpc, admin):

@@ -1,13 +1,15 @@
 """/inferences: create a job, start it (Async: 202 at once; Real-time: 200 once the images
 exist), read it, list and delete jobs."""
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from services.gateway.bodies import body_doc, json_body
 from services.gateway.envelope import answers, respond
+from services.gateway.routes.events import SSE
 from services.gateway.security import require, rpc
+from services.gateway.streams import resume_offset
 from shared.contracts.identity import Principal
 from shared.contracts.inference import (
     CREATE_INFERENCE,
@@ -29,7 +31,7 @@ from shared.contracts.inference import (
     ListInferences,
     StartInference,
 )
-from shared.esd import POSITION_PATTERN
+from shared.esd import POSITION_PATTERN, created_at
 
 router = APIRouter(tags=["inferences"])
 
@@ -128,3 +130,38 @@ async def delete_inferences(
 ) -> Response:
     await rpc(request).call(DELETE_INFERENCES, DeleteInferences(**body.model_dump(), actor=principal))
     return respond(204)
+
+
+FINISHED_EVENTS = ("inference.succeeded", "inference.failed", "inference.canceled")
+
+
+@router.get(
+    "/inferences/{inference_id}/events",
+    response_class=StreamingResponse,
+    responses={**answers({}, 401, 404), 200: SSE},
+)
+async def follow_inference(
+    request: Request,
+    inference_id: str,
+    last_event_id: str | None = Header(None),
+    principal: Principal = Depends(require("inference:all", "inference:list", "inference:create")),
+) -> StreamingResponse:
+    """One job's events as Server-Sent Events, from its creation (or after `Last-Event-ID`) to
+    its end."""
+    job = await _get(request, principal, inference_id)
+    start = resume_offset(last_event_id)
+    since = created_at(job.createTime)
+    log = request.app.state.event_log
+
+    async def stream():
+        async for event in log.read(since if start is None else start):
+            if event is None:
+                yield b": keep-alive\n\n"
+                continue
+            if not event.routing_key.startswith("inference.") or event.data().get("inference_id") != inference_id:
+                continue
+            yield event.sse()
+            if event.routing_key in FINISHED_EVENTS:
+                return
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
