@@ -67,6 +67,8 @@ class WorkerRuntime:
         self.cache_dir = settings.var_dir.resolve() / "models"
         self.state = WorkerState.STARTING
         self.storage: ObjectStore | None = None
+        self.current_job: str | None = None
+        self.cancel_requested = False
 
     # --- the process ---
 
@@ -77,9 +79,12 @@ class WorkerRuntime:
         handle: Callable[[M], Awaitable[None]],
         *,
         warm_up: Callable[[], Any] | None = None,
+        cancel_on: tuple[str, str] | None = None,
     ) -> None:
         """Warm up (the heavy imports and models, before taking any work), then take jobs from
-        `queue` one at a time until SIGTERM/SIGINT, then drain."""
+        `queue` one at a time until SIGTERM/SIGINT, then drain. `cancel_on` is (routing key,
+        field): an event that names the job in hand in that field cancels it (see
+        `cancelled`)."""
         async with AsyncExitStack() as stack:
             self.storage = await ObjectStore.open(self.settings, stack)
             if self.settings.worker_threads:
@@ -96,6 +101,18 @@ class WorkerRuntime:
             self.broker.subscriber(work_queue, channel=Channel(prefetch_count=1), ack_policy=AckPolicy.NACK_ON_ERROR)(
                 consume
             )
+            if cancel_on is not None:
+                routing_key, field = cancel_on
+
+                # every worker hears every cancellation; the one running the job acts on it
+                @self.broker.subscriber(
+                    self.names.replica_queue(f"worker.{self.worker_id}", routing_key), self.names.events
+                )
+                async def cancel(event: dict) -> None:
+                    if self.current_job is not None and event.get(field) == self.current_job:
+                        log.info("worker.cancel_requested", job=self.current_job)
+                        self.cancel_requested = True
+
             await self.broker.connect()
             stack.push_async_callback(self.broker.stop)
             await self.rpc.start()
@@ -145,18 +162,25 @@ class WorkerRuntime:
 
     # --- one job ---
 
+    def cancelled(self) -> bool:
+        """Whether the job in hand was canceled (asked from the work's thread at every step)."""
+        return self.cancel_requested
+
     async def job(
         self,
         ask: Command[Any, GoAhead],
         request: BaseModel,
         work: Callable[[], Awaitable[R]],
         *,
+        job_id: str,
         succeeded: Callable[[R], Awaitable[None]],
         failed: Callable[[str], Awaitable[None]],
+        canceled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Ask for the go-ahead, run the work while busy, report its outcome. Returns once the
         outcome is reported (the message is acked then); raises, putting the job back on the
-        queue, while the service cannot be reached."""
+        queue, while the service cannot be reached. Work that stops because the job was
+        canceled ends with `canceled()` (the service knows already, when there is none)."""
         try:
             decision = await self.rpc.call(ask, request)
         except Exception:
@@ -166,19 +190,26 @@ class WorkerRuntime:
             log.info("worker.job_skipped", reason=decision.reason)
             return
         self.state = WorkerState.BUSY
+        self.current_job, self.cancel_requested = job_id, False
         await self._beat()
         try:
             try:
                 result = await work()
-            except Invalid as error:
-                await failed(error.message)
-            except Exception as error:  # a bug or a broken model: the job fails with what happened
-                log.exception("worker.job_crashed")
-                await failed(f"{type(error).__name__}: {error}")
+            except Exception as error:
+                if self.cancel_requested:
+                    log.info("worker.job_canceled")
+                    if canceled is not None:
+                        await canceled()
+                elif isinstance(error, Invalid):
+                    await failed(error.message)
+                else:  # a bug or a broken model: the job fails with what happened
+                    log.exception("worker.job_crashed")
+                    await failed(f"{type(error).__name__}: {error}")
             else:
                 await succeeded(result)
         finally:
             self.state = WorkerState.READY
+            self.current_job, self.cancel_requested = None, False
 
     def progress(self, event: Callable[..., Event], *, every: float) -> Callable[..., None]:
         """A progress callback for work running in a thread: publishes `event(*args)` at most

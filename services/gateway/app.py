@@ -17,7 +17,7 @@ from services.gateway.envelope import ErrorReply, ForbiddenReply, install_error_
 from services.gateway.routes import checkpoints, endpoints, events, inferences, ping, roles, trainings, users
 from services.gateway.security import EdgeMiddleware, Principals
 from services.gateway.streams import EventLog
-from shared.contracts.inference import InferenceFailed, InferenceSucceeded
+from shared.contracts.inference import InferenceCanceled, InferenceFailed, InferenceSucceeded
 from shared.messaging import Event, Names, create_broker
 from shared.rpc import RpcClient
 from shared.settings import API_VERSION, Settings
@@ -58,6 +58,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @broker.subscriber(replica_queue(InferenceFailed.routing_key), names.events)
     async def on_job_failed(event: InferenceFailed) -> None:
+        completions.finished(event.inference_id)
+
+    @broker.subscriber(replica_queue(InferenceCanceled.routing_key), names.events)
+    async def on_job_canceled(event: InferenceCanceled) -> None:
         completions.finished(event.inference_id)
 
     # Each gateway replica drops its cached principals when any user or role changes (what

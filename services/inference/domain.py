@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.contracts.identity import Principal
 from shared.contracts.inference import (
+    FINISHED,
     TASK_TYPES,
     EndpointStatus,
     EndpointType,
@@ -97,7 +98,16 @@ class InferenceJob(Record):
 
     @property
     def finished(self) -> bool:
-        return self.status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return self.status in FINISHED
+
+
+def check_cancelable(job: InferenceJob) -> None:
+    if job.finished:
+        raise Invalid(f"inference {job.id} already {job.status.value}: only a queued or running job can be canceled")
+
+
+def progress_of(step: int, steps: int, eta: float | None) -> JobProgress:
+    return JobProgress(step=step, steps=steps, percent=round(100 * step / max(steps, 1), 1), eta=eta)
 
 
 def check_owner(actor: Principal, job: InferenceJob) -> None:

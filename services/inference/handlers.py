@@ -34,6 +34,7 @@ def register(runtime: Runtime, endpoints: Endpoints, jobs: Jobs, catalog: Catalo
             contract.GET_INFERENCE: jobs.get,
             contract.LIST_INFERENCES: jobs.list,
             contract.DELETE_INFERENCES: jobs.delete,
+            contract.CANCEL_INFERENCE: jobs.cancel,
             contract.REPORT_INFERENCE_STARTED: jobs.started,
             contract.REPORT_INFERENCE_SUCCEEDED: jobs.succeeded,
             contract.REPORT_INFERENCE_FAILED: jobs.failed,

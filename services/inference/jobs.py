@@ -17,10 +17,12 @@ from services.inference import domain
 from services.inference.domain import Endpoint, InferenceJob
 from services.inference.store import InferenceStore
 from shared.contracts.inference import (
+    CancelInference,
     CreatedInference,
     CreateInference,
     DeleteInferences,
     GetInference,
+    InferenceCanceled,
     InferenceFailed,
     InferencePage,
     InferenceParams,
@@ -29,7 +31,6 @@ from shared.contracts.inference import (
     InferenceStarted,
     InferenceSucceeded,
     InferenceView,
-    JobProgress,
     JobStatus,
     ListInferences,
     ModelFile,
@@ -53,6 +54,7 @@ from shared.storage import ObjectStore
 log = structlog.get_logger(__name__)
 
 MAX_JOB_ATTEMPTS = 3
+PROGRESS_STORE_SECONDS = 0.25
 _UNFINISHED = [JobStatus.IN_PROGRESS.value, JobStatus.CREATED.value]
 
 
@@ -75,6 +77,7 @@ class Jobs:
         self.names = names
         self.depths = depths
         self.live_within = live_within
+        self.progress_written: dict[str, float] = {}  # job -> when its progress was last stored
 
     async def create(self, command: CreateInference) -> CreatedInference:
         domain.check_task_type(command.task_type)
@@ -177,6 +180,7 @@ class Jobs:
                     payload_key=job.payload_key,
                     output_prefix=domain.output_prefix(job.id),
                     models=job.files,
+                    owner=job.owner,
                 )
                 await send_work(self.broker, self.names, queue_of(job.endpoint_name), run)
                 log.info("inference.dispatched", inference_id=job.id, endpoint=job.endpoint_name)
@@ -334,5 +338,33 @@ class Jobs:
             )
 
     async def progressed(self, event: InferenceProgress) -> None:
-        progress = JobProgress(step=event.step, total=event.total)
-        await self.store.update_job(event.inference_id, progress=progress.model_dump())
+        """Stored a few times a second at most (a worker reports every step): enough for a
+        client that polls GET /inferences/{id}; one that follows the events sees each."""
+        now = time.monotonic()
+        last = self.progress_written.get(event.inference_id, 0.0)
+        if event.step < event.total and now - last < PROGRESS_STORE_SECONDS:
+            return
+        if len(self.progress_written) > 10_000:
+            self.progress_written.clear()
+        self.progress_written[event.inference_id] = now
+        progress = domain.progress_of(event.step, event.total, event.eta)
+        await self.store.transition_job(
+            event.inference_id, [JobStatus.IN_PROGRESS.value], progress=progress.model_dump()
+        )
+
+    async def cancel(self, command: CancelInference) -> InferenceView:
+        """A queued job never runs (its worker is refused the go-ahead); a running one stops at
+        its next step (its worker hears `inference.canceled`)."""
+        job = await self.store.job(command.inference_id)
+        if job is None:
+            raise NotFound(f"inference with id {command.inference_id} not found")
+        domain.check_owner(command.actor, job)
+        domain.check_cancelable(job)
+        if await self.store.transition_job(job.id, _UNFINISHED, status=JobStatus.CANCELED, complete_time=time.time()):
+            log.info("inference.canceled", inference_id=job.id, actor=command.actor.username)
+            await self.events.publish(
+                InferenceCanceled(inference_id=job.id, endpoint_name=job.endpoint_name, owner=job.owner)
+            )
+        else:  # it finished meanwhile
+            domain.check_cancelable(await self.store.job(job.id) or job)
+        return await self._view(await self.store.job(job.id) or job)

@@ -65,6 +65,8 @@ class TrainingJob(Record):
     info: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     progress: TrainingProgressView | None = None
+    stop_requested: bool = False
+    saved_checkpoint_ids: list[str] = Field(default_factory=list)
 
 
 def dataset_prefix(name: str) -> str:
@@ -106,5 +108,26 @@ def lora_file_name(output_name: str) -> str:
     return f"{output_name}.safetensors"
 
 
-def lora_checkpoint_id(training_id: str) -> str:
-    return str(uuid.uuid5(REGISTRATIONS, training_id))
+def lora_checkpoint_id(training_id: str, key: str | None = None) -> str:
+    """The id of the LoRA checkpoint a training registers: its final file's, or (`key`) one of
+    the epochs a stopped training had saved."""
+    return str(uuid.uuid5(REGISTRATIONS, training_id if key is None else f"{training_id}/{key}"))
+
+
+def check_stoppable(training: TrainingJob) -> None:
+    if training.status in FINISHED:
+        raise Invalid(
+            f"training {training.id} is already {training.status.value}: only a queued or running training can be stopped"
+        )
+
+
+def progress_of(epoch: int, epochs: int, step: int, steps: int, loss: float, eta: float | None) -> TrainingProgressView:
+    return TrainingProgressView(
+        epoch=epoch,
+        epochs=epochs,
+        step=step,
+        steps=steps,
+        loss=loss,
+        percent=round(100 * step / max(steps, 1), 1),
+        eta=eta,
+    )

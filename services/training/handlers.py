@@ -22,9 +22,11 @@ def register(runtime: Runtime, datasets: Datasets, trainings: Trainings) -> None
             contract.GET_TRAINING: trainings.get,
             contract.LIST_TRAININGS: trainings.list,
             contract.DELETE_TRAININGS: trainings.delete,
+            contract.STOP_TRAINING: trainings.stop,
             contract.REPORT_TRAINING_STARTED: trainings.started,
             contract.REPORT_TRAINING_SUCCEEDED: trainings.succeeded,
             contract.REPORT_TRAINING_FAILED: trainings.failed,
+            contract.REPORT_TRAINING_STOPPED: trainings.stopped,
         }
     )
     broker, names = runtime.broker, runtime.names

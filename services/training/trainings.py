@@ -26,14 +26,17 @@ from shared.contracts.training import (
     ListTrainings,
     ReportTrainingFailed,
     ReportTrainingStarted,
+    ReportTrainingStopped,
     ReportTrainingSucceeded,
     RunTraining,
+    StopTraining,
     TrainingCompleted,
     TrainingFailed,
     TrainingPage,
     TrainingProgress,
-    TrainingProgressView,
     TrainingStatus,
+    TrainingStopped,
+    TrainingStopRequested,
     TrainingView,
 )
 from shared.contracts.workers import GoAhead
@@ -92,6 +95,7 @@ class Trainings:
             JOBS,
             RunTraining(
                 training_id=training_id,
+                owner=training.owner,
                 model_key=model_key,
                 model_name=model_name,
                 data_prefix=data_prefix,
@@ -168,6 +172,8 @@ class Trainings:
             progress=training.progress,
             lora_name=training.lora_name,
             info=training.info or None,
+            stop_requested=training.stop_requested or None,
+            saved_checkpoint_ids=training.saved_checkpoint_ids or None,
         )
 
     async def get(self, command: GetTraining) -> TrainingView:
@@ -202,6 +208,9 @@ class Trainings:
             return GoAhead(run=False, reason="the training was deleted")
         if training.status in domain.FINISHED:
             return GoAhead(run=False, reason=f"the training is {training.status.value}")
+        if training.stop_requested:  # asked to stop while no worker had it (one died, say)
+            await self._stopped(training, [])
+            return GoAhead(run=False, reason="the training was stopped")
         if await self.store.count_attempt(report.training_id) > MAX_ATTEMPTS:
             await self._fail(training, f"gave up after {MAX_ATTEMPTS} attempts: workers stopped while training")
             return GoAhead(run=False, reason="too many attempts")
@@ -214,19 +223,7 @@ class Trainings:
         training = await self.store.training(report.training_id)
         if training is None or training.status is TrainingStatus.COMPLETED:
             return
-        owner = Principal(username=training.owner, roles=training.roles, permissions=[])
-        item = await self.rpc.call(
-            checkpoints.REGISTER_CHECKPOINT,
-            checkpoints.RegisterCheckpoint(
-                actor=owner,
-                checkpoint_id=domain.lora_checkpoint_id(training.id),
-                checkpoint_type=checkpoints.CheckpointType.LORA,
-                name=report.final_key.rsplit("/", 1)[-1],
-                source_key=report.final_key,
-                params={"message": f"trained by training {training.id}", "training_id": training.id},
-            ),
-            timeout=120,
-        )
+        item = await self._register(training, report.final_key, domain.lora_checkpoint_id(training.id))
         if await self.store.transition(
             training.id,
             _UNFINISHED,
@@ -244,6 +241,60 @@ class Trainings:
                 )
             )
 
+    async def _register(self, training: TrainingJob, key: str, checkpoint_id: str) -> checkpoints.CheckpointItem:
+        """A LoRA file of the training as an Active checkpoint of its owner's roles (once: the
+        id is the caller's)."""
+        return await self.rpc.call(
+            checkpoints.REGISTER_CHECKPOINT,
+            checkpoints.RegisterCheckpoint(
+                actor=Principal(username=training.owner, roles=training.roles, permissions=[]),
+                checkpoint_id=checkpoint_id,
+                checkpoint_type=checkpoints.CheckpointType.LORA,
+                name=key.rsplit("/", 1)[-1],
+                source_key=key,
+                params={"message": f"trained by training {training.id}", "training_id": training.id},
+            ),
+            timeout=120,
+        )
+
+    async def stop(self, command: StopTraining) -> TrainingView:
+        """A queued training never runs; a running one stops at its next step, and the epochs
+        it has saved become checkpoints."""
+        training = domain.check_visible(
+            command.actor, await self.store.training(command.training_id), command.training_id
+        )
+        domain.check_stoppable(training)
+        if training.status is TrainingStatus.INITIAL:
+            await self._stopped(training, [])
+        elif not training.stop_requested:
+            await self.store.update_training(training.id, stop_requested=True)
+            log.info("training.stop_requested", training_id=training.id, actor=command.actor.username)
+            await self.events.publish(TrainingStopRequested(training_id=training.id, owner=training.owner))
+        return self._view(await self.store.training(training.id) or training)
+
+    async def stopped(self, report: ReportTrainingStopped) -> None:
+        training = await self.store.training(report.training_id)
+        if training is None or training.status in domain.FINISHED:
+            return
+        saved = [
+            await self._register(training, key, domain.lora_checkpoint_id(training.id, key))
+            for key in report.saved_keys
+        ]
+        await self._stopped(training, [item.id for item in saved])
+
+    async def _stopped(self, training: TrainingJob, checkpoint_ids: list[str]) -> None:
+        if await self.store.transition(
+            training.id,
+            _UNFINISHED,
+            status=TrainingStatus.STOPPED,
+            completed=time.time(),
+            saved_checkpoint_ids=checkpoint_ids,
+        ):
+            log.info("training.stopped", training_id=training.id, saved=len(checkpoint_ids))
+            await self.events.publish(
+                TrainingStopped(training_id=training.id, owner=training.owner, checkpoint_ids=checkpoint_ids)
+            )
+
     async def failed(self, report: ReportTrainingFailed) -> None:
         training = await self.store.training(report.training_id)
         if training is not None:
@@ -257,7 +308,5 @@ class Trainings:
             await self.events.publish(TrainingFailed(training_id=training.id, error=error, owner=training.owner))
 
     async def progressed(self, event: TrainingProgress) -> None:
-        progress = TrainingProgressView(
-            epoch=event.epoch, epochs=event.epochs, step=event.step, steps=event.steps, loss=event.loss
-        )
-        await self.store.update_training(event.training_id, progress=progress.model_dump())
+        progress = domain.progress_of(event.epoch, event.epochs, event.step, event.steps, event.loss, event.eta)
+        await self.store.transition(event.training_id, [TrainingStatus.TRAINING.value], progress=progress.model_dump())

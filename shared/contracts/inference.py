@@ -41,6 +41,10 @@ class JobStatus(StrEnum):
     IN_PROGRESS = "inprogress"
     SUCCEEDED = "succeed"  # ESD's spelling
     FAILED = "failed"
+    CANCELED = "canceled"
+
+
+FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
 def _int_from_string(value: Any) -> Any:
@@ -167,6 +171,11 @@ class DeleteInferences(DeleteInferencesBody):
     actor: Principal
 
 
+class CancelInference(BaseModel):
+    actor: Principal
+    inference_id: str
+
+
 # --- replies -------------------------------------------------------------------------------
 
 
@@ -240,7 +249,9 @@ class InferenceParams(BaseModel):
 
 class JobProgress(BaseModel):
     step: int
-    total: int
+    steps: int
+    percent: float
+    eta: float | None = None  # seconds left, as far as the steps so far tell
 
 
 def _absent(value: Any) -> bool:
@@ -293,6 +304,7 @@ class RunInference(BaseModel):
     payload_key: str
     output_prefix: str
     models: list[ModelFile]
+    owner: str = ""  # named in the job's events, so that only its owner's streams carry them
 
 
 class ReportInferenceStarted(BaseModel):
@@ -323,6 +335,7 @@ class InferenceStarted(Event):
     inference_id: str
     endpoint_name: str
     worker_id: str
+    owner: str = ""
 
 
 class InferenceProgress(Event):
@@ -330,6 +343,16 @@ class InferenceProgress(Event):
     inference_id: str
     step: int
     total: int
+    owner: str = ""
+    eta: float | None = None  # seconds left
+    preview: str | None = None  # a small approximate image (data URL), when the job asks for one
+
+
+class InferenceCanceled(Event):
+    routing_key = "inference.canceled"
+    inference_id: str
+    endpoint_name: str
+    owner: str
 
 
 class InferenceSucceeded(Event):
@@ -376,6 +399,7 @@ START_INFERENCE = command(SERVICE, StartInference, StartedInference)
 GET_INFERENCE = command(SERVICE, GetInference, InferenceView)
 LIST_INFERENCES = command(SERVICE, ListInferences, InferencePage)
 DELETE_INFERENCES = command(SERVICE, DeleteInferences)
+CANCEL_INFERENCE = command(SERVICE, CancelInference, InferenceView)
 # from the workers
 REPORT_INFERENCE_STARTED = command(SERVICE, ReportInferenceStarted, GoAhead)
 REPORT_INFERENCE_SUCCEEDED = command(SERVICE, ReportInferenceSucceeded)

@@ -174,6 +174,11 @@ class DeleteTrainings(DeleteTrainingsBody):
     actor: Principal
 
 
+class StopTraining(BaseModel):
+    actor: Principal
+    training_id: str
+
+
 # --- replies -------------------------------------------------------------------------------
 
 
@@ -228,6 +233,8 @@ class TrainingProgressView(BaseModel):
     step: int
     steps: int
     loss: float
+    percent: float = 0.0
+    eta: float | None = None  # seconds left, as far as the steps so far tell
 
 
 def _absent(value: Any) -> bool:
@@ -254,6 +261,8 @@ class TrainingView(BaseModel):
     progress: TrainingProgressView | None = Field(None, exclude_if=_absent)
     lora_name: str | None = Field(None, exclude_if=_absent)
     info: dict[str, Any] | None = Field(None, exclude_if=_absent)
+    stop_requested: bool | None = Field(None, exclude_if=_absent)
+    saved_checkpoint_ids: list[str] | None = Field(None, exclude_if=_absent)  # a stopped training's epochs
 
 
 class TrainingPage(BaseModel):
@@ -268,6 +277,7 @@ class RunTraining(BaseModel):
     """Sent to `training.jobs`: everything a training worker needs."""
 
     training_id: str
+    owner: str = ""  # named in the training's events
     model_key: str
     model_name: str
     data_prefix: str  # every object under it is the dataset, kohya folders kept
@@ -297,6 +307,14 @@ class ReportTrainingFailed(BaseModel):
     error: str
 
 
+class ReportTrainingStopped(BaseModel):
+    """The worker stopped as asked; the epochs it had saved are in storage."""
+
+    training_id: str
+    worker_id: str
+    saved_keys: list[str]
+
+
 # --- events --------------------------------------------------------------------------------
 
 
@@ -308,6 +326,23 @@ class TrainingProgress(Event):
     step: int
     steps: int
     loss: float
+    owner: str = ""
+    eta: float | None = None  # seconds left
+
+
+class TrainingStopRequested(Event):
+    """For the worker running the training: stop at the next step."""
+
+    routing_key = "training.stop_requested"
+    training_id: str
+    owner: str
+
+
+class TrainingStopped(Event):
+    routing_key = "training.stopped"
+    training_id: str
+    owner: str
+    checkpoint_ids: list[str]  # the epochs saved before the stop, each an Active Lora
 
 
 class TrainingCompleted(Event):
@@ -336,7 +371,9 @@ CREATE_TRAINING = command(SERVICE, CreateTraining, CreatedTraining)
 GET_TRAINING = command(SERVICE, GetTraining, TrainingView)
 LIST_TRAININGS = command(SERVICE, ListTrainings, TrainingPage)
 DELETE_TRAININGS = command(SERVICE, DeleteTrainings)
+STOP_TRAINING = command(SERVICE, StopTraining, TrainingView)
 # from the workers
 REPORT_TRAINING_STARTED = command(SERVICE, ReportTrainingStarted, GoAhead)
 REPORT_TRAINING_SUCCEEDED = command(SERVICE, ReportTrainingSucceeded)
 REPORT_TRAINING_FAILED = command(SERVICE, ReportTrainingFailed)
+REPORT_TRAINING_STOPPED = command(SERVICE, ReportTrainingStopped)

@@ -301,3 +301,54 @@ def test_a_killed_training_worker_loses_nothing_and_progress_is_announced(api, s
     training = api("GET", f"/trainings/{training_id}").json()["data"]
     assert training["job_status"] == "Completed"
     assert training["info"]["steps"] == 1500
+
+
+def test_stop_a_running_training_keeps_its_saved_epochs_and_a_queued_one_never_runs(api, base_model):
+    dataset = unique("stop")
+    make_dataset(api, dataset, count=2)
+
+    def start(epochs: int, name: str) -> str:
+        response = api(
+            "POST",
+            "/trainings",
+            json={
+                "params": {
+                    "training_params": {"model": base_model, "dataset": dataset},
+                    "config_params": {
+                        "training": {
+                            "output_name": unique(name),
+                            "max_train_epochs": epochs,
+                            "save_every_n_epochs": 1,
+                            "resolution": 64,
+                        }
+                    },
+                }
+            },
+        )
+        assert response.status_code == 201, response.text
+        return response.json()["data"]["id"]
+
+    running = start(500, "long")
+    queued = start(1, "behind")  # the one training worker is busy with the first
+    wait_for(
+        lambda: (api("GET", f"/trainings/{running}").json()["data"].get("progress") or {}).get("epoch", 0) >= 3,
+        timeout=180,
+        what="a few epochs",
+    )
+    assert api("PUT", f"/trainings/{queued}/stop").json()["data"]["job_status"] == "Stopped"
+    stopping = api("PUT", f"/trainings/{running}/stop")
+    assert stopping.status_code == 200 and stopping.json()["message"] == "stop requested"
+    training = wait_for(
+        lambda: (t := api("GET", f"/trainings/{running}").json()["data"])["job_status"] != "Training" and t,
+        timeout=120,
+        what="the training to stop",
+    )
+    assert training["job_status"] == "Stopped"
+    saved = training["saved_checkpoint_ids"]
+    assert len(saved) >= 2  # the epochs finished before the stop
+    for checkpoint_id in saved:
+        checkpoint = api("GET", f"/checkpoints/{checkpoint_id}").json()["data"]["checkpoint"]
+        assert (checkpoint["type"], checkpoint["status"]) == ("Lora", "Active")
+    assert api("GET", f"/trainings/{queued}").json()["data"]["job_status"] == "Stopped"
+    again = api("PUT", f"/trainings/{running}/stop")
+    assert again.status_code == 400 and "already Stopped" in again.json()["message"]

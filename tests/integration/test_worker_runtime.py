@@ -64,7 +64,12 @@ async def test_a_worker_runs_its_jobs_one_after_another_with_prefetch_one(chores
             outcomes.append(f"failed {error}")
 
         await runtime.job(
-            CHORE_STARTED, ReportChoreStarted(number=chore.number), work, succeeded=succeeded, failed=failed
+            CHORE_STARTED,
+            ReportChoreStarted(number=chore.number),
+            work,
+            job_id=str(chore.number),
+            succeeded=succeeded,
+            failed=failed,
         )
 
     serving = asyncio.create_task(runtime.serve(queue, Chore, handle))
@@ -117,7 +122,9 @@ async def test_a_job_that_raises_invalid_fails_with_its_message_and_a_crash_with
 
     try:
         for work in (users_mistake, bug):
-            await runtime.job(CHORE_STARTED, ReportChoreStarted(number=1), work, succeeded=nothing, failed=failed)
+            await runtime.job(
+                CHORE_STARTED, ReportChoreStarted(number=1), work, job_id="1", succeeded=nothing, failed=failed
+            )
     finally:
         await runtime.rpc.close()
         await runtime.broker.stop()

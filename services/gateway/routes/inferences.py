@@ -12,11 +12,14 @@ from services.gateway.security import require, rpc
 from services.gateway.streams import resume_offset
 from shared.contracts.identity import Principal
 from shared.contracts.inference import (
+    CANCEL_INFERENCE,
     CREATE_INFERENCE,
     DELETE_INFERENCES,
+    FINISHED,
     GET_INFERENCE,
     LIST_INFERENCES,
     START_INFERENCE,
+    CancelInference,
     CreatedInference,
     CreateInference,
     CreateInferenceBody,
@@ -24,10 +27,12 @@ from shared.contracts.inference import (
     DeleteInferencesBody,
     EndpointType,
     GetInference,
+    InferenceCanceled,
+    InferenceFailed,
     InferencePage,
     InferenceStart,
+    InferenceSucceeded,
     InferenceView,
-    JobStatus,
     ListInferences,
     StartInference,
 )
@@ -58,7 +63,7 @@ async def _start(request: Request, principal: Principal, inference_id: str) -> R
             return respond(202, RunningInference(inference=started.inference))
 
         async def done() -> bool:
-            return (await _get(request, principal, inference_id)).status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+            return (await _get(request, principal, inference_id)).status in FINISHED
 
         await app.completions.wait(
             finished, finished=done, timeout=app.settings.realtime_timeout, inference_id=inference_id
@@ -91,6 +96,16 @@ async def start_inference(
     request: Request, inference_id: str, principal: Principal = Depends(require(*CAN_RUN))
 ) -> Response:
     return await _start(request, principal, inference_id)
+
+
+@router.put("/inferences/{inference_id}/cancel", responses=answers({200: InferenceView}, 400, 401, 404))
+async def cancel_inference(
+    request: Request, inference_id: str, principal: Principal = Depends(require(*CAN_RUN))
+) -> Response:
+    """A queued job never runs; a running one stops at its next step. Its owner's, or anyone's
+    with inference:all."""
+    job = await rpc(request).call(CANCEL_INFERENCE, CancelInference(actor=principal, inference_id=inference_id))
+    return respond(200, job, message="canceled")
 
 
 @router.get("/inferences/{inference_id}", responses=answers({200: InferenceView}, 401, 404))
@@ -132,7 +147,7 @@ async def delete_inferences(
     return respond(204)
 
 
-FINISHED_EVENTS = ("inference.succeeded", "inference.failed", "inference.canceled")
+FINISHED_EVENTS = (InferenceSucceeded.routing_key, InferenceFailed.routing_key, InferenceCanceled.routing_key)
 
 
 @router.get(

@@ -16,6 +16,7 @@ from shared.contracts.training import (
     GET_TRAINING,
     LIST_DATASETS,
     LIST_TRAININGS,
+    STOP_TRAINING,
     UPDATE_DATASET,
     CreateDataset,
     CreateDatasetBody,
@@ -33,6 +34,7 @@ from shared.contracts.training import (
     GetTraining,
     ListDatasets,
     ListTrainings,
+    StopTraining,
     TrainingPage,
     TrainingView,
     UpdateDataset,
@@ -74,6 +76,14 @@ async def list_trainings(
 @router.get("/trainings/{training_id}", responses=answers({200: TrainingView}, 401, 404))
 async def get_training(request: Request, training_id: str, principal: Principal = Depends(TRAIN)) -> Response:
     return respond(200, await rpc(request).call(GET_TRAINING, GetTraining(actor=principal, training_id=training_id)))
+
+
+@router.put("/trainings/{training_id}/stop", responses=answers({200: TrainingView}, 400, 401, 404))
+async def stop_training(request: Request, training_id: str, principal: Principal = Depends(TRAIN)) -> Response:
+    """A queued training never runs; a running one stops at its next step, and the epochs it
+    saved become Lora checkpoints (`saved_checkpoint_ids`, once `job_status` is Stopped)."""
+    training = await rpc(request).call(STOP_TRAINING, StopTraining(actor=principal, training_id=training_id))
+    return respond(200, training, message="stop requested" if training.stop_requested else "stopped")
 
 
 @router.delete(

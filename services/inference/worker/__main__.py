@@ -24,6 +24,7 @@ from shared.contracts.inference import (
     REPORT_INFERENCE_FAILED,
     REPORT_INFERENCE_STARTED,
     REPORT_INFERENCE_SUCCEEDED,
+    InferenceCanceled,
     InferenceProgress,
     ModelFile,
     ReportInferenceFailed,
@@ -41,7 +42,8 @@ from shared.worker import WorkerRuntime
 log = structlog.get_logger(__name__)
 
 RUNNABLE = ("txt2img", "img2img")
-PROGRESS_EVERY_SECONDS = 0.25
+# every step is an event (a client following a job sees each); the service stores some of them
+PROGRESS_EVERY_SECONDS = 0.0
 
 
 class InferenceWorker:
@@ -59,7 +61,13 @@ class InferenceWorker:
         self.engine: Any = None
 
     async def run(self) -> None:
-        await self.runtime.serve(queue_of(self.endpoint), RunInference, self.handle, warm_up=self._make_engine)
+        await self.runtime.serve(
+            queue_of(self.endpoint),
+            RunInference,
+            self.handle,
+            warm_up=self._make_engine,
+            cancel_on=(InferenceCanceled.routing_key, "inference_id"),
+        )
 
     def _make_engine(self) -> None:
         from services.inference.worker.engine import Engine  # the heavy imports: torch, diffusers
@@ -103,6 +111,7 @@ class InferenceWorker:
                 REPORT_INFERENCE_STARTED,
                 ReportInferenceStarted(inference_id=job.inference_id, worker_id=self.worker_id),
                 lambda: self._run(job, phases),
+                job_id=job.inference_id,
                 succeeded=succeeded,
                 failed=failed,
             )

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import importlib
 import tempfile
+import time
 from pathlib import Path
 
 import structlog
@@ -25,12 +26,15 @@ from shared.contracts.training import (
     POOL,
     REPORT_TRAINING_FAILED,
     REPORT_TRAINING_STARTED,
+    REPORT_TRAINING_STOPPED,
     REPORT_TRAINING_SUCCEEDED,
     ReportTrainingFailed,
     ReportTrainingStarted,
+    ReportTrainingStopped,
     ReportTrainingSucceeded,
     RunTraining,
     TrainingProgress,
+    TrainingStopRequested,
 )
 from shared.errors import Invalid
 from shared.logging import configure_logging
@@ -63,6 +67,7 @@ class TrainingWorker:
             RunTraining,
             self.handle,
             warm_up=lambda: importlib.import_module("services.training.worker.trainer.training"),
+            cancel_on=(TrainingStopRequested.routing_key, "training_id"),
         )
 
     async def handle(self, job: RunTraining) -> None:
@@ -82,32 +87,49 @@ class TrainingWorker:
                 ),
             )
 
+        saved: list[str] = []  # the epochs stored before a stop
+
+        async def stopped() -> None:
+            await self.runtime.rpc.call(
+                REPORT_TRAINING_STOPPED,
+                ReportTrainingStopped(training_id=job.training_id, worker_id=self.worker_id, saved_keys=saved),
+                timeout=180,
+            )
+
         try:
             await self.runtime.job(
                 REPORT_TRAINING_STARTED,
+                REPORT_TRAINING_STOPPED,
                 ReportTrainingStarted(training_id=job.training_id, worker_id=self.worker_id),
-                lambda: self._train(job),
+                lambda: self._train(job, saved),
+                job_id=job.training_id,
                 succeeded=succeeded,
                 failed=failed,
+                canceled=stopped,
             )
         finally:
             structlog.contextvars.unbind_contextvars("training_id")
 
-    async def _train(self, job: RunTraining) -> ReportTrainingSucceeded:
+    async def _train(self, job: RunTraining, saved: list[str]) -> ReportTrainingSucceeded:
         from services.training.worker.trainer import train_lora  # torch, diffusers, peft
 
         storage = self.runtime.storage
         assert storage is not None
         config = TrainingConfig.from_esd({**job.config_params, "fm_type": job.fm_type})
         model = await self.runtime.model(job.model_key, f"the base model {job.model_name}")
+        began = time.monotonic()
         progress = self.runtime.progress(
             lambda report: TrainingProgress(
                 training_id=job.training_id,
+                owner=job.owner,
                 epoch=report.epoch,
                 epochs=report.epochs,
                 step=report.step,
                 steps=report.steps,
                 loss=float(report.loss),
+                eta=round((time.monotonic() - began) / report.step * (report.steps - report.step), 2)
+                if report.step
+                else None,
             ),
             every=PROGRESS_EVERY_SECONDS,
         )
@@ -115,20 +137,22 @@ class TrainingWorker:
             data = Path(work) / "data"
             await self._dataset(job.data_prefix, data)
             out = Path(work) / "out"
-            result = await asyncio.to_thread(
-                train_lora,
-                model,
-                data,
-                config,
-                out,
-                device=self.runtime.device(),
-                progress=lambda report: progress(report, final=report.step == report.steps),
-            )
-            keys = []
-            for path in [*result.checkpoints, result.final]:
-                key = f"{job.output_prefix}/{path.name}"
-                await storage.put(key, path.read_bytes())
-                keys.append(key)
+            try:
+                result = await asyncio.to_thread(
+                    train_lora,
+                    model,
+                    data,
+                    config,
+                    out,
+                    device=self.runtime.device(),
+                    progress=lambda report: progress(report, final=report.step == report.steps),
+                    cancelled=self.runtime.cancelled,
+                )
+            except Exception:
+                if self.runtime.cancelled():  # stopped: the epochs saved so far are kept
+                    saved += await self._store(job, sorted(out.glob("*.safetensors")))
+                raise
+            keys = await self._store(job, [*result.checkpoints, result.final])
         info = {
             "steps": result.steps,
             "epochs": result.epochs,
@@ -141,6 +165,16 @@ class TrainingWorker:
         return ReportTrainingSucceeded(
             training_id=job.training_id, worker_id=self.worker_id, final_key=keys[-1], output_keys=keys, info=info
         )
+
+    async def _store(self, job: RunTraining, paths: list[Path]) -> list[str]:
+        storage = self.runtime.storage
+        assert storage is not None
+        keys = []
+        for path in paths:
+            key = f"{job.output_prefix}/{path.name}"
+            await storage.put(key, path.read_bytes())
+            keys.append(key)
+        return keys
 
     async def _dataset(self, prefix: str, folder: Path) -> None:
         """Every object under the prefix, its kohya folders (`10_concept/`) kept."""
