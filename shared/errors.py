@@ -36,6 +36,12 @@ class NotFound(EsdError):
     status = 404
 
 
+class Conflict(EsdError):
+    """The request clashes with one in progress (try again), or reuses what it may not."""
+
+    status = 409
+
+
 class PayloadTooLarge(EsdError):
     status = 413
 
@@ -58,7 +64,17 @@ class Internal(EsdError):
 
 _BY_KIND: dict[str, type[EsdError]] = {
     cls.__name__: cls
-    for cls in (Invalid, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unavailable, JobTimeout, Internal)
+    for cls in (
+        Invalid,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        Unavailable,
+        JobTimeout,
+        Internal,
+    )
 }
 
 

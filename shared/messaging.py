@@ -175,11 +175,16 @@ class EventPublisher:
         self.names = names
 
     async def publish(self, event: Event) -> None:
+        """An event straight to the exchange (persistent, confirmed by the broker). Events that
+        announce a stored change go through the store's outbox instead (shared/outbox.py)."""
+        await self.publish_raw(event.routing_key, event.model_dump(mode="json"))
+
+    async def publish_raw(self, routing_key: str, body: dict[str, Any]) -> None:
         await self.broker.publish(
-            event.model_dump_json(),
+            body,
             exchange=self.names.events,
-            routing_key=event.routing_key,
+            routing_key=routing_key,
             persist=True,
             content_type="application/json",
-            message_type=event.routing_key,
+            message_type=routing_key,
         )

@@ -16,6 +16,7 @@ from faststream.rabbit import RabbitBroker
 
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, create_broker, declare_event_log
+from shared.outbox import Outbox
 from shared.rpc import CheckHealth, Health, RpcClient, RpcServer, health_check
 from shared.settings import Settings, get_settings
 
@@ -35,10 +36,18 @@ class Runtime:
     rpc: RpcServer
     stack: AsyncExitStack
     _client: RpcClient | None = field(default=None, repr=False)
+    _outbox: Outbox | None = field(default=None, repr=False)
 
     @property
     def events(self) -> EventPublisher:
         return EventPublisher(self.broker, self.names)
+
+    @property
+    def outbox(self) -> Outbox:
+        """This service's relay of the events its stores write (swept while it runs)."""
+        if self._outbox is None:
+            self._outbox = Outbox(self.events)
+        return self._outbox
 
     def client(self) -> RpcClient:
         """This process's client for calling other services (opened on first call)."""
@@ -76,6 +85,9 @@ async def serve(service: str, setup: Setup, settings: Settings | None = None) ->
         await declare_event_log(runtime.broker, names)
         if prepare is not None:
             await prepare()
+        if runtime._outbox is not None:  # events a process before this one wrote but did not send
+            sweeping = asyncio.create_task(runtime._outbox.sweep_forever())
+            stack.callback(sweeping.cancel)
         await runtime.broker.start()
         await runtime.rpc.start()
         stack.push_async_callback(runtime.rpc.stop)

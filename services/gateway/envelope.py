@@ -96,6 +96,7 @@ _WHY = {
     401: "No user, or a user that does not exist",
     403: 'Missing or wrong API key (body `{"message": "Forbidden"}`), or a missing permission',
     404: "Not found",
+    409: "Conflicts with a request still in progress, or with another use of the same Idempotency-Key",
     413: "Request body too large",
     503: "A service did not answer in time; retry",
     504: "The job did not finish in time; it goes on",

@@ -15,9 +15,9 @@ async def setup(runtime: Runtime):
     settings = runtime.settings
     client = mongo_client(settings)
     runtime.stack.push_async_callback(client.close)
-    store = IdentityStore(client[settings.database_name(SERVICE)])
-    users = Users(store, runtime.events, settings.admin_username)
-    roles = Roles(store, runtime.events, settings.admin_username)
+    store = IdentityStore(client[settings.database_name(SERVICE)], runtime.outbox)
+    users = Users(store, settings.admin_username)
+    roles = Roles(store, settings.admin_username)
     handlers.register(runtime, users, roles, store)
 
     async def prepare() -> None:

@@ -7,12 +7,17 @@ other replicas, when identity hears a `role.*` event; reloaded after `ROLES_TTL`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from services.identity.domain import Role, User
+from shared.errors import Conflict
+from shared.messaging import Event
+from shared.outbox import LIVE, Outbox, embedded, entries, tombstone
 
 
 def _user(doc: dict) -> User:
@@ -38,9 +43,11 @@ ROLES_TTL = 30.0
 
 
 class IdentityStore:
-    def __init__(self, db: AsyncDatabase) -> None:
+    def __init__(self, db: AsyncDatabase, outbox: Outbox) -> None:
         self.users = db["users"]
         self.roles = db["roles"]
+        self.outbox = outbox
+        outbox.watch(self.users, self.roles)
         self._roles: dict[str, Role] | None = None  # every role, by name, in name order
         self._roles_until = 0.0
         self._roles_generation = 0
@@ -52,41 +59,53 @@ class IdentityStore:
     # --- users ---
 
     async def find_user(self, username: str) -> User | None:
-        doc = await self.users.find_one({"username": username})
+        doc = await self.users.find_one({"username": username, **LIVE})
         return _user(doc) if doc else None
 
     async def find_users(self, username: str | None = None) -> list[User]:
         query = {"username": username} if username is not None else {}
-        return [_user(doc) async for doc in self.users.find(query).sort("username", ASCENDING)]
+        return [_user(doc) async for doc in self.users.find({**query, **LIVE}).sort("username", ASCENDING)]
 
-    async def add_user_if_absent(self, user: User) -> bool:
-        """Insert unless the name exists; True when inserted (idempotent bootstrap)."""
+    async def add_user_if_absent(self, user: User, created: Event) -> bool:
+        """Insert unless the name exists, announcing it; True when inserted (idempotent
+        bootstrap)."""
         result = await self.users.update_one(
             {"username": user.username},
-            {"$setOnInsert": self._user_doc(user)},
+            {"$setOnInsert": {**self._user_doc(user), **embedded(created)}},
             upsert=True,
         )
-        return result.upserted_id is not None
+        if result.upserted_id is None:
+            return False
+        await self.outbox.send(self.users, {"username": user.username})
+        return True
 
-    async def save_user(self, user: User) -> bool:
-        """Create or update (roles, password); the creator and creation time stay as first
-        written. True when created."""
+    async def save_user(self, user: User, *, created: Event, updated: Event) -> bool:
+        """Create or update (roles, password), announcing which it was; the creator and
+        creation time stay as first written. True when created."""
         now = datetime.now(UTC)
-        result = await self.users.update_one(
-            {"username": user.username},
-            {
-                "$set": {"roles": user.roles, "password_hash": user.password_hash, "updated_at": now},
-                "$setOnInsert": {"creator": user.creator, "created_at": now},
-            },
-            upsert=True,
-        )
-        return result.upserted_id is not None
+        changes = {"roles": user.roles, "password_hash": user.password_hash, "updated_at": now}
+        for _ in range(2):
+            result = await self.users.update_one(
+                {"username": user.username, **LIVE}, {"$set": {**changes, **entries(updated)}}
+            )
+            if result.matched_count:
+                await self.outbox.send(self.users, {"username": user.username})
+                return False
+            try:
+                await self.users.insert_one({**self._user_doc(user), "updated_at": now, **embedded(created)})
+            except DuplicateKeyError:
+                continue  # created meanwhile (update it), or a deletion still going out
+            await self.outbox.send(self.users, {"username": user.username})
+            return True
+        raise Conflict(f"user {user.username} is being deleted; try again")
 
-    async def delete_users(self, names: list[str]) -> list[str]:
-        found = [doc["username"] async for doc in self.users.find({"username": {"$in": names}})]
-        if found:
-            await self.users.delete_many({"username": {"$in": found}})
-        return found
+    async def delete_users(self, names: list[str], deleted: Callable[[str], Event]) -> list[str]:
+        gone = []
+        for name in names:
+            if (await self.users.update_one({"username": name, **LIVE}, tombstone(deleted(name)))).matched_count:
+                gone.append(name)
+                await self.outbox.send(self.users, {"username": name})
+        return gone
 
     # --- roles ---
 
@@ -103,7 +122,7 @@ class IdentityStore:
         if self._roles is not None and now < self._roles_until:
             return self._roles
         generation = self._roles_generation
-        cursor = self.roles.find({}).sort("role_name", ASCENDING)
+        cursor = self.roles.find(LIVE).sort("role_name", ASCENDING)
         roles = {doc["role_name"]: _role(doc) async for doc in cursor}
         if generation == self._roles_generation:  # else a change came while reading: read again next time
             self._roles, self._roles_until = roles, now + ROLES_TTL
@@ -113,35 +132,51 @@ class IdentityStore:
         self._roles_generation += 1
         self._roles = None
 
-    async def add_role_if_absent(self, role: Role) -> bool:
+    async def add_role_if_absent(self, role: Role, created: Event) -> bool:
         result = await self.roles.update_one(
             {"role_name": role.role_name},
-            {"$setOnInsert": self._role_doc(role)},
+            {"$setOnInsert": {**self._role_doc(role), **embedded(created)}},
             upsert=True,
         )
         self.forget_roles()
-        return result.upserted_id is not None
+        if result.upserted_id is None:
+            return False
+        await self.outbox.send(self.roles, {"role_name": role.role_name})
+        return True
 
-    async def save_role(self, role: Role) -> bool:
+    async def save_role(self, role: Role, *, created: Event, updated: Event) -> bool:
         now = datetime.now(UTC)
-        result = await self.roles.update_one(
-            {"role_name": role.role_name},
-            {
-                "$set": {"permissions": role.permissions, "updated_at": now},
-                "$setOnInsert": {"creator": role.creator, "created_at": now},
-            },
-            upsert=True,
-        )
-        self.forget_roles()
-        return result.upserted_id is not None
-
-    async def delete_roles(self, names: list[str]) -> list[str]:
-        found = list(await self.find_roles(names))
-        if found:
-            await self.roles.delete_many({"role_name": {"$in": found}})
+        try:
+            for _ in range(2):
+                result = await self.roles.update_one(
+                    {"role_name": role.role_name, **LIVE},
+                    {"$set": {"permissions": role.permissions, "updated_at": now, **entries(updated)}},
+                )
+                if result.matched_count:
+                    await self.outbox.send(self.roles, {"role_name": role.role_name})
+                    return False
+                try:
+                    await self.roles.insert_one({**self._role_doc(role), "updated_at": now, **embedded(created)})
+                except DuplicateKeyError:
+                    continue
+                await self.outbox.send(self.roles, {"role_name": role.role_name})
+                return True
+            raise Conflict(f"role {role.role_name} is being deleted; try again")
+        finally:
             self.forget_roles()
-            await self.users.update_many({"roles": {"$in": found}}, {"$pull": {"roles": {"$in": found}}})
-        return found
+
+    async def delete_roles(self, names: list[str], deleted: Callable[[str], Event]) -> list[str]:
+        found = list(await self.find_roles(names))
+        gone = []
+        for name in found:
+            if (await self.roles.update_one({"role_name": name, **LIVE}, tombstone(deleted(name)))).matched_count:
+                gone.append(name)
+        self.forget_roles()
+        if gone:
+            await self.users.update_many({"roles": {"$in": gone}}, {"$pull": {"roles": {"$in": gone}}})
+            for name in gone:
+                await self.outbox.send(self.roles, {"role_name": name})
+        return gone
 
     @staticmethod
     def _user_doc(user: User) -> dict:

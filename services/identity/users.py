@@ -22,15 +22,13 @@ from shared.contracts.identity import (
     UserUpdated,
 )
 from shared.errors import Unauthorized
-from shared.messaging import EventPublisher
 
 log = structlog.get_logger(__name__)
 
 
 class Users:
-    def __init__(self, store: IdentityStore, events: EventPublisher, admin_username: str) -> None:
+    def __init__(self, store: IdentityStore, admin_username: str) -> None:
         self.store = store
-        self.events = events
         self.admin_username = admin_username
 
     async def bootstrap(self, admin_password: str) -> None:
@@ -45,9 +43,8 @@ class Users:
             creator=self.admin_username,
             password_hash=await hash_password(admin_password),
         )
-        if await self.store.add_user_if_absent(admin):
+        if await self.store.add_user_if_absent(admin, self._created(admin)):
             log.info("identity.admin_created", username=admin.username)
-            await self._created(admin)
 
     async def authenticate(self, command: AuthenticateUser) -> Principal:
         user = await self.store.find_user(command.username)
@@ -70,12 +67,10 @@ class Users:
             creator=actor.username,
             password_hash=await hash_password(command.password),
         )
-        if await self.store.save_user(user):
-            log.info("user.created", username=user.username, actor=actor.username)
-            await self._created(user)
-        else:
-            log.info("user.updated", username=user.username, actor=actor.username)
-            await self.events.publish(UserUpdated(username=user.username, roles=user.roles))
+        created = await self.store.save_user(
+            user, created=self._created(user), updated=UserUpdated(username=user.username, roles=user.roles)
+        )
+        log.info("user.created" if created else "user.updated", username=user.username, actor=actor.username)
 
     async def _create_initial(self, command: CreateUser) -> None:
         # A client's first-run bootstrap: create with the default role, never change a user.
@@ -86,12 +81,12 @@ class Users:
             creator=creator,
             password_hash=await hash_password(command.password),
         )
-        if await self.store.add_user_if_absent(user):
+        if await self.store.add_user_if_absent(user, self._created(user)):
             log.info("user.created", username=user.username, initial=True)
-            await self._created(user)
 
-    async def _created(self, user: User) -> None:
-        await self.events.publish(UserCreated(username=user.username, roles=user.roles, creator=user.creator))
+    @staticmethod
+    def _created(user: User) -> UserCreated:
+        return UserCreated(username=user.username, roles=user.roles, creator=user.creator)
 
     async def list(self, command: ListUsers) -> UserList:
         users = domain.visible_users(command.actor, await self.store.find_users(command.username))
@@ -100,6 +95,5 @@ class Users:
 
     async def delete(self, command: DeleteUsers) -> None:
         domain.check_user_deletion(command.actor, command.user_name_list)
-        for username in await self.store.delete_users(command.user_name_list):
+        for username in await self.store.delete_users(command.user_name_list, lambda name: UserDeleted(username=name)):
             log.info("user.deleted", username=username, actor=command.actor.username)
-            await self.events.publish(UserDeleted(username=username))

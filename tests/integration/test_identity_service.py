@@ -29,6 +29,7 @@ from shared.contracts.identity import (
 from shared.db import mongo_client
 from shared.errors import Forbidden, Invalid, Unauthorized
 from shared.messaging import EventPublisher, Names
+from shared.outbox import Outbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -62,9 +63,9 @@ async def test_bootstrap_again_changes_nothing(identity):
     client = mongo_client(identity)
     db = client[identity.database_name(SERVICE)]
     before = await db.users.find_one({"username": "admin"})
-    store, events = IdentityStore(db), EventPublisher(None, Names())  # type: ignore[arg-type]
-    await Roles(store, events, "admin").bootstrap()  # publishes nothing: everything exists
-    await Users(store, events, "admin").bootstrap("another password")
+    store = IdentityStore(db, Outbox(EventPublisher(None, Names())))  # type: ignore[arg-type]
+    await Roles(store, "admin").bootstrap()  # publishes nothing: everything exists
+    await Users(store, "admin").bootstrap("another password")
     assert await db.users.count_documents({"username": "admin"}) == 1
     assert await db.roles.count_documents({}) >= 2
     assert (await db.users.find_one({"username": "admin"}))["password_hash"] == before["password_hash"]
