@@ -2,8 +2,11 @@
 
 from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
     checkpoint,
+    esrgan_upscaler,
     model_dir,
     no_network,
+    rembg_model,
     sdxl_checkpoint,
+    upscaler,
     vae,
 )
