@@ -5,7 +5,6 @@ from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
     esrgan_upscaler,
     model_dir,
     no_network,
-    rembg_model,
     sdxl_checkpoint,
     upscaler,
     vae,
