@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # PyTorch's CPU build goes in first: installed later, as a dependency of the GPU extras, it
-# would be a multi-GB CUDA build.
+# would be a multi-GB CUDA build. spandrel (the extras' upscalers) goes in without its
+# dependencies: it names torchvision, which would replace that torch and which the workers do
+# without (see diffusion/image_models.py); its other needs are in the `gpu` extra.
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0
+	$(PIP) install --no-deps spandrel==0.4.2
 	$(PIP) install -e '.[gpu,dev]'
 	touch $@
 

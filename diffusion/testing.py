@@ -4,11 +4,15 @@ No weights can be downloaded here, so tests make their own: a tiny SD-1.5-shaped
 MB, fast on a CPU) saved as one `.safetensors` file in the original single-file layout, plus a
 LoRA, a VAE and an embedding made for it. The tiny architecture and its tokenizer travel in the
 file's metadata, since the shipped full-size configs don't fit it. `make_sd15_checkpoint` writes
-the full-size architecture with random weights, for speed measurements.
+the full-size architecture with random weights, for speed measurements. For the extras and rembg:
+tiny upscalers of real architectures (RealESRGAN's compact net, ESRGAN) as state dicts spandrel
+recognises, and a tiny U^2-Net-shaped background remover exported to ONNX.
 
     python -m diffusion.testing --out tiny.safetensors [--seed N]
     python -m diffusion.testing --out sd15.safetensors --full-size
     python -m diffusion.testing --out tiny-sdxl.safetensors --sdxl
+    python -m diffusion.testing --out 2x-tiny.pth --upscaler compact   # or esrgan
+    python -m diffusion.testing --out u2net-tiny.onnx --rembg
 """
 
 from __future__ import annotations
@@ -365,6 +369,133 @@ def make_tiny_embedding(base_checkpoint: str | Path, out_path: str | Path, seed:
     return _save({"emb_params": torch.randn(vectors, width, generator=generator)}, out_path, {})
 
 
+# --- image models of the extras and of rembg --------------------------------------------------
+
+
+def tiny_upscaler_model(arch: str = "compact", scale: int = 2, seed: int = 0) -> torch.nn.Module:
+    """An upscaler of a real architecture with random weights, small enough for a CPU:
+    RealESRGAN's compact SRVGGNet (`compact`: 8 features, 2 convolutions, so it sees 4 pixels
+    around each pixel) or ESRGAN's RRDBNet (`esrgan`: 8 filters, one block)."""
+    from diffusion.image_models import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.Compact import Compact
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    if arch == "compact":
+        return Compact(num_feat=8, num_conv=2, upscale=scale).eval()
+    if arch == "esrgan":
+        return ESRGAN(num_filters=8, num_blocks=1, scale=scale).eval()
+    raise ValueError(f"unknown tiny upscaler architecture {arch!r} (compact or esrgan)")
+
+
+def make_tiny_upscaler(out_path: str | Path, *, arch: str = "compact", scale: int = 2, seed: int = 0) -> Path:
+    """A tiny upscaler's state dict, as spandrel recognises it: `.safetensors`, or a `.pth`
+    pickle like the files people share."""
+    model = tiny_upscaler_model(arch, scale, seed)
+    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    out = Path(out_path)
+    if out.suffix == ".safetensors":
+        return _save(tensors, out, {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, out)
+    return out
+
+
+class _ConvBlock(torch.nn.Sequential):
+    def __init__(self, channels_in: int, channels_out: int, dilation: int = 1) -> None:
+        super().__init__(
+            torch.nn.Conv2d(channels_in, channels_out, 3, padding=dilation, dilation=dilation),
+            torch.nn.BatchNorm2d(channels_out),
+            torch.nn.ReLU(inplace=True),
+        )
+
+
+class _ResidualUBlock(torch.nn.Module):
+    """U^2-Net's RSU block: a small U-Net of `height` levels inside a residual connection."""
+
+    def __init__(self, height: int, channels_in: int, middle: int, channels_out: int) -> None:
+        super().__init__()
+        self.entry = _ConvBlock(channels_in, channels_out)
+        self.down = torch.nn.ModuleList(
+            [_ConvBlock(channels_out, middle)] + [_ConvBlock(middle, middle) for _ in range(height - 2)]
+        )
+        self.bottom = _ConvBlock(middle, middle, dilation=2)
+        self.up = torch.nn.ModuleList(
+            [_ConvBlock(2 * middle, middle) for _ in range(height - 2)] + [_ConvBlock(2 * middle, channels_out)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        entry = self.entry(x)
+        skips, hidden = [], entry
+        for index, block in enumerate(self.down):
+            if index:
+                hidden = torch.nn.functional.max_pool2d(hidden, 2, ceil_mode=True)
+            hidden = block(hidden)
+            skips.append(hidden)
+        hidden = self.bottom(hidden)
+        for block, skip in zip(self.up, reversed(skips), strict=True):
+            hidden = torch.nn.functional.interpolate(hidden, size=skip.shape[2:], mode="bilinear")
+            hidden = block(torch.cat([hidden, skip], dim=1))
+        return hidden + entry
+
+
+class TinyU2Net(torch.nn.Module):
+    """U^2-Net's shape, shrunk: nested RSU blocks in a two-level U, one side output per decoder
+    stage and a fused one, all through a sigmoid; the fused map comes first, as in the rembg
+    family's ONNX files."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stage1 = _ResidualUBlock(4, 3, width // 2, width)
+        self.stage2 = _ResidualUBlock(3, width, width // 2, width)
+        self.stage3 = _ResidualUBlock(2, width, width // 2, width)
+        self.decode2 = _ResidualUBlock(3, 2 * width, width // 2, width)
+        self.decode1 = _ResidualUBlock(4, 2 * width, width // 2, width)
+        self.sides = torch.nn.ModuleList([torch.nn.Conv2d(width, 1, 3, padding=1) for _ in range(3)])
+        self.fuse = torch.nn.Conv2d(3, 1, 1)
+
+    def forward(self, x: torch.Tensor):
+        pool = torch.nn.functional.max_pool2d
+        first = self.stage1(x)
+        second = self.stage2(pool(first, 2, ceil_mode=True))
+        third = self.stage3(pool(second, 2, ceil_mode=True))
+        up = torch.nn.functional.interpolate(third, size=second.shape[2:], mode="bilinear")
+        decoded2 = self.decode2(torch.cat([up, second], dim=1))
+        up = torch.nn.functional.interpolate(decoded2, size=first.shape[2:], mode="bilinear")
+        decoded1 = self.decode1(torch.cat([up, first], dim=1))
+        sides = [
+            torch.nn.functional.interpolate(side(stage), size=x.shape[2:], mode="bilinear")
+            for side, stage in zip(self.sides, (decoded1, decoded2, third), strict=True)
+        ]
+        fused = self.fuse(torch.cat(sides, dim=1))
+        return tuple(torch.sigmoid(map_) for map_ in (fused, *sides))
+
+
+def make_tiny_rembg_model(out_path: str | Path, *, size: int = 320, seed: int = 0) -> Path:
+    """A tiny U^2-Net-shaped background remover exported to ONNX with a fixed (1, 3, size,
+    size) input, as the rembg family's files have (320 for u2net/u2netp, 1024 for isnet)."""
+    import warnings
+
+    torch.manual_seed(seed)
+    model = TinyU2Net().eval()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter says it is the old one
+        torch.onnx.export(
+            model,
+            (torch.rand(1, 3, size, size),),
+            str(out),
+            input_names=["input.1"],
+            output_names=["d0", "d1", "d2", "d3"],
+            opset_version=17,
+            dynamo=False,
+        )
+    return out
+
+
 def _save(tensors: dict[str, torch.Tensor], out_path: str | Path, metadata: dict[str, str]) -> Path:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -374,12 +505,18 @@ def _save(tensors: dict[str, torch.Tensor], out_path: str | Path, metadata: dict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    parser.add_argument("--out", required=True, type=Path, help="the file to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-size", action="store_true", help="SD 1.5's real size (fp16, ~2 GB)")
     parser.add_argument("--sdxl", action="store_true", help="the tiny SDXL-shaped model")
+    parser.add_argument("--upscaler", choices=["compact", "esrgan"], help="a tiny 2x upscaler (.pth or .safetensors)")
+    parser.add_argument("--rembg", action="store_true", help="a tiny U^2-Net-shaped rembg model (.onnx)")
     args = parser.parse_args(argv)
-    if args.sdxl:
+    if args.upscaler:
+        path = make_tiny_upscaler(args.out, arch=args.upscaler, seed=args.seed)
+    elif args.rembg:
+        path = make_tiny_rembg_model(args.out, seed=args.seed)
+    elif args.sdxl:
         path = make_tiny_sdxl_checkpoint(args.out, seed=args.seed)
     elif args.full_size:
         path = make_sd15_checkpoint(args.out, seed=args.seed)

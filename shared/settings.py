@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     # inference workers this host runs at most, all local pools together (0: none, a host that
     # runs only the services)
     local_max_workers: int = 8
+    # extras: model upscalers run in tiles of this many input pixels a side (0: the whole image
+    # at once), overlapping by this many pixels and blended, so large images fit in memory
+    upscaler_tile_size: int = 256
+    upscaler_tile_overlap: int = 32
+    # rembg: a folder of the rembg family's ONNX files (`u2net.onnx`, `isnet-general-use.onnx`)
+    # that jobs may use besides their `rembg` checkpoints; nothing is ever downloaded
+    rembg_models_dir: Path | None = None
 
     # training: worker processes this host runs (each trains one LoRA at a time)
     training_workers: int = 1

@@ -311,7 +311,9 @@ class Checkpoints:
             await self.store.update(checkpoint.id, progress={"downloaded_bytes": done, "total_bytes": total})
 
         try:
-            name, size = await self.downloader.download(url, name_found=name_found, progress=progress)
+            name, size = await self.downloader.download(
+                url, name_found=name_found, progress=progress, checkpoint_type=checkpoint.type
+            )
         except Invalid as error:
             await self._fail(checkpoint, error.message)
             return

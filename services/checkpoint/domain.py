@@ -13,11 +13,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from shared.contracts.checkpoint import (
-    ALLOWED_EXTENSIONS,
     CheckpointItem,
     CheckpointStatus,
     CheckpointType,
     CheckpointView,
+    allowed_extensions,
     extension_allowed,
     safe_file_name,
 )
@@ -140,7 +140,7 @@ def renamed(checkpoint: Checkpoint, new_name: str) -> str | None:
     if checkpoint.status is not CheckpointStatus.ACTIVE:
         raise Invalid("only active can update name")
     old = checkpoint.names[0]
-    if not extension_allowed(new_name):
+    if not extension_allowed(new_name, checkpoint.type):
         new_name += PurePosixPath(old).suffix
     return None if new_name == old else new_name
 
@@ -168,9 +168,9 @@ def file_name_from_url(url: str, content_disposition: str | None = None) -> str:
         raise Invalid(f"cannot tell a file name from {url}") from None
 
 
-def check_download_name(name: str) -> None:
-    if not extension_allowed(name):
-        raise Invalid(f"{name} is not a model file: only {', '.join(ALLOWED_EXTENSIONS)} are accepted")
+def check_download_name(name: str, checkpoint_type: CheckpointType | None = None) -> None:
+    if not extension_allowed(name, checkpoint_type):
+        raise Invalid(f"{name} is not a model file: only {', '.join(allowed_extensions(checkpoint_type))} are accepted")
 
 
 def check_url(url: str) -> None:

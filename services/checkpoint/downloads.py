@@ -16,6 +16,7 @@ from urllib.parse import urljoin
 import httpx
 
 from services.checkpoint.domain import check_download_name, check_url, file_name_from_url, public_address
+from shared.contracts.checkpoint import CheckpointType
 from shared.errors import Invalid
 from shared.storage import ObjectStore
 
@@ -41,13 +42,21 @@ class Downloader:
         self.part_bytes = max(part_bytes, 5 * 1024 * 1024)  # S3's smallest part but the last
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 15.0))
 
-    async def download(self, url: str, *, name_found: NameFound, progress: Progress) -> tuple[str, int]:
-        """Stream `url` into storage; returns the file name and its size in bytes."""
+    async def download(
+        self,
+        url: str,
+        *,
+        name_found: NameFound,
+        progress: Progress,
+        checkpoint_type: CheckpointType | None = None,
+    ) -> tuple[str, int]:
+        """Stream `url` into storage; returns the file name and its size in bytes. The file's
+        kind must be one a checkpoint of `checkpoint_type` may hold."""
         async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
             response = await self._open(client, url)
             try:
                 name = file_name_from_url(str(response.url), response.headers.get("content-disposition"))
-                check_download_name(name)
+                check_download_name(name, checkpoint_type)
                 key = await name_found(name)
                 total = _content_length(response)
                 size = await self._upload(response, key, total, progress)

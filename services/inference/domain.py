@@ -217,6 +217,8 @@ def requested_models(models: dict[str, list[str]]) -> list[tuple[str, str]]:
 
 
 def check_runnable(task_type: str, models: dict[str, list[str]]) -> None:
+    """Generation needs a Stable-diffusion checkpoint; the extras and rembg need none (their
+    upscaler or rembg models are named in the payload and checked by the worker)."""
     if task_type in RUNNABLE_TASKS and not [n for n in models.get("Stable-diffusion", []) if n]:
         raise Invalid('models must name a Stable-diffusion checkpoint, e.g. {"Stable-diffusion": ["v1-5.safetensors"]}')
 

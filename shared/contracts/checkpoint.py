@@ -15,6 +15,7 @@ from shared.rpc import command
 
 SERVICE = "checkpoint"
 ALLOWED_EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors", ".yaml")
+ONNX_EXTENSIONS = (".onnx",)
 
 
 class CheckpointType(StrEnum):
@@ -24,6 +25,29 @@ class CheckpointType(StrEnum):
     HYPERNETWORKS = "hypernetworks"
     CONTROLNET = "ControlNet"
     VAE = "VAE"
+    # image models of the extras (A1111's folder names under `models/`): upscalers, then face
+    # restorers; spandrel recognises the architecture from the weights
+    ESRGAN = "ESRGAN"
+    REAL_ESRGAN = "RealESRGAN"
+    SWINIR = "SwinIR"
+    HAT = "HAT"
+    DAT = "DAT"
+    SCUNET = "ScuNET"
+    GFPGAN = "GFPGAN"
+    CODEFORMER = "Codeformer"
+    # background removal models of the rembg family, as ONNX files (`u2net.onnx`, ...)
+    REMBG = "rembg"
+
+
+UPSCALER_TYPES = (
+    CheckpointType.ESRGAN,
+    CheckpointType.REAL_ESRGAN,
+    CheckpointType.SWINIR,
+    CheckpointType.HAT,
+    CheckpointType.DAT,
+    CheckpointType.SCUNET,
+)
+FACE_RESTORER_TYPES = (CheckpointType.GFPGAN, CheckpointType.CODEFORMER)
 
 
 class CheckpointStatus(StrEnum):
@@ -60,8 +84,14 @@ FileName = Annotated[
 ]
 
 
-def extension_allowed(name: str) -> bool:
-    return name.lower().endswith(ALLOWED_EXTENSIONS)
+def allowed_extensions(checkpoint_type: CheckpointType | None = None) -> tuple[str, ...]:
+    """The file kinds a checkpoint of this type may hold: ONNX graphs for rembg, weights (and
+    their yaml configs) for the others."""
+    return ONNX_EXTENSIONS if checkpoint_type is CheckpointType.REMBG else ALLOWED_EXTENSIONS
+
+
+def extension_allowed(name: str, checkpoint_type: CheckpointType | None = None) -> bool:
+    return name.lower().endswith(allowed_extensions(checkpoint_type))
 
 
 # --- HTTP bodies -------------------------------------------------------------------------

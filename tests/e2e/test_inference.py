@@ -195,10 +195,11 @@ def test_a_bad_payload_fails_the_job_with_the_reason(api, async_endpoint, tiny_m
     assert reason in job["error"]
 
 
-def test_a_task_the_workers_cannot_run_fails_clearly(api, async_endpoint, tiny_models):
+def test_an_extras_payload_without_its_image_fails_clearly(api, async_endpoint, tiny_models):
+    # every task type runs now (tests/e2e/test_extras.py); a body that is not the task's fails
     job = run_async(api, async_endpoint, {}, {"image": ""}, task="rembg")
     assert job["status"] == "failed"
-    assert "rembg is not supported" in job["error"]
+    assert "invalid rembg payload: input_image: the rembg payload needs it" in job["error"]
 
 
 def test_payload_may_carry_infinity(api, async_endpoint, tiny_models):

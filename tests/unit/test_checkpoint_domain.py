@@ -59,6 +59,19 @@ def test_only_model_files_are_downloaded():
         domain.check_download_name("notes.zip")
 
 
+def test_rembg_checkpoints_hold_onnx_files_and_others_do_not():
+    domain.check_download_name("u2net.onnx", CheckpointType.REMBG)
+    domain.check_download_name("4x-UltraSharp.pth", CheckpointType.ESRGAN)
+    with pytest.raises(Invalid, match=r"u2net.pth is not a model file: only \.onnx are accepted"):
+        domain.check_download_name("u2net.pth", CheckpointType.REMBG)
+    with pytest.raises(Invalid, match="u2net.onnx is not a model file"):
+        domain.check_download_name("u2net.onnx", CheckpointType.LORA)
+    rembg = checkpoint(names=("u2net.onnx",))
+    rembg.type = CheckpointType.REMBG
+    assert domain.renamed(rembg, "u2net-human") == "u2net-human.onnx"
+    assert domain.renamed(rembg, "silueta.onnx") == "silueta.onnx"
+
+
 @pytest.mark.parametrize("url", ["ftp://host/a.pt", "file:///etc/passwd", "http:///a.pt", "host/a.pt"])
 def test_only_http_urls_are_fetched(url):
     with pytest.raises(Invalid, match="is not an http"):

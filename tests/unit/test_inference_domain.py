@@ -68,3 +68,16 @@ def test_the_least_busy_endpoint_takes_the_job():
     assert domain.least_busy([a, b], {"esd-async-a": 0.0, "esd-async-b": 0.0}) is a  # the first of equals
     assert domain.load_of(queued=4, busy=2, live=0) == 6  # no worker yet: all of it on one
     assert domain.load_of(queued=4, busy=2, live=3) == 2
+
+
+def test_extras_and_rembg_jobs_need_no_stable_diffusion_checkpoint():
+    for task in ("extra-single-image", "extra-batch-images", "rembg"):
+        domain.check_runnable(task, {})
+        domain.check_runnable(task, {"ESRGAN": ["4x-tiny.pth"]})
+
+
+def test_extras_models_are_requested_by_their_type():
+    assert domain.requested_models({"ESRGAN": ["4x.pth"], "rembg": ["u2net.onnx"], "VAE": ["Automatic"]}) == [
+        ("ESRGAN", "4x.pth"),
+        ("rembg", "u2net.onnx"),
+    ]

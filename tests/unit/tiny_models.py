@@ -79,3 +79,21 @@ def vae(model_dir, checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def embedding(model_dir, checkpoint) -> Path:
     return testing.make_tiny_embedding(checkpoint, model_dir / "mystyle.safetensors", seed=4)
+
+
+@pytest.fixture(scope="session")
+def upscaler(model_dir) -> Path:
+    """RealESRGAN's compact architecture, 2x, as a `.pth` state dict."""
+    return testing.make_tiny_upscaler(model_dir / "2x-tiny-compact.pth", arch="compact", scale=2)
+
+
+@pytest.fixture(scope="session")
+def esrgan_upscaler(model_dir) -> Path:
+    """ESRGAN's RRDBNet, 2x, as `.safetensors`."""
+    return testing.make_tiny_upscaler(model_dir / "2x-tiny-esrgan.safetensors", arch="esrgan", scale=2)
+
+
+@pytest.fixture(scope="session")
+def rembg_model(model_dir) -> Path:
+    """A tiny U^2-Net-shaped background remover in ONNX, 320x320 input."""
+    return testing.make_tiny_rembg_model(model_dir / "u2netp.onnx")

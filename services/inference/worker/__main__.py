@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from shared.contracts.checkpoint import FACE_RESTORER_TYPES, UPSCALER_TYPES, CheckpointType
 from shared.contracts.inference import (
     HEARTBEATS,
     REPORT_INFERENCE_FAILED,
@@ -42,6 +43,7 @@ from shared.worker import WorkerRuntime
 log = structlog.get_logger(__name__)
 
 RUNNABLE = ("txt2img", "img2img")
+IMAGE_TASKS = ("extra-single-image", "extra-batch-images", "rembg")  # no diffusion: see _run_image_task
 # every step is an event (a client following a job sees each); the service stores some of them
 PROGRESS_EVERY_SECONDS = 0.0
 
@@ -73,7 +75,20 @@ class InferenceWorker:
         from services.inference.worker.engine import Engine  # the heavy imports: torch, diffusers
 
         self.engine = Engine(device=self.runtime.device())
+        self._make_image_tasks()
         log.info("worker.engine_ready", device=str(self.engine.device))
+
+    def _make_image_tasks(self) -> None:
+        from services.inference.worker.engine import BackgroundRemover, Extras, Upscalers
+
+        settings = self.runtime.settings
+        device = self.engine.device
+        self.extras = Extras(
+            Upscalers(device=device, tile_size=settings.upscaler_tile_size, tile_overlap=settings.upscaler_tile_overlap)
+        )
+        self.rembg = BackgroundRemover(
+            models_dir=settings.rembg_models_dir, device=str(device), threads=settings.worker_threads
+        )
 
     async def handle(self, job: RunInference) -> None:
         structlog.contextvars.bind_contextvars(inference_id=job.inference_id)
@@ -121,9 +136,12 @@ class InferenceWorker:
     async def _run(self, job: RunInference, phases: dict[str, float]) -> tuple[list[str], dict]:
         from services.inference.worker.engine import GenerationRequest
 
+        if job.task_type in IMAGE_TASKS:
+            return await self._run_image_task(job, phases)
         if job.task_type not in RUNNABLE:
             raise Invalid(
-                f"task type {job.task_type} is not supported by this platform's workers (they run {', '.join(RUNNABLE)})"
+                f"task type {job.task_type} is not supported by this platform's workers "
+                f"(they run {', '.join(RUNNABLE + IMAGE_TASKS)})"
             )
         storage = self.runtime.storage
         assert storage is not None and self.engine is not None
@@ -168,6 +186,49 @@ class InferenceWorker:
         )
         phase("store")
         return names, result.info
+
+    async def _run_image_task(self, job: RunInference, phases: dict[str, float]) -> tuple[list[str], dict]:
+        """The extras and background removal: the payload's images through upscalers or a
+        rembg model; PNGs named as the task names them, and `<id>_param.json`."""
+        from services.inference.worker.engine import ExtrasModels, ExtrasRequest, RembgRequest
+
+        storage = self.runtime.storage
+        assert storage is not None
+        mark = time.perf_counter()
+        try:
+            payload = json.loads(await storage.get(job.payload_key))
+        except ValueError as error:
+            raise Invalid(f"api_param.json is not valid JSON: {error}") from None
+        files: dict[str, dict[str, Path]] = {}
+        for model in job.models:
+            if model.type in (*UPSCALER_TYPES, *FACE_RESTORER_TYPES, CheckpointType.REMBG):
+                path = await self.runtime.model(model.key, f"model {model.name}")
+                files.setdefault(model.type.value, {})[model.name] = path
+        phases["models_ms"] = round((time.perf_counter() - mark) * 1000, 1)
+        mark = time.perf_counter()
+        if job.task_type == "rembg":
+            request = RembgRequest.from_payload(payload)
+            result = await asyncio.to_thread(self.rembg.run, request, files.get(CheckpointType.REMBG.value, {}))
+        else:
+            request = ExtrasRequest.from_payload(job.task_type, payload)
+            models = ExtrasModels(
+                upscalers={name: path for kind in UPSCALER_TYPES for name, path in files.get(kind.value, {}).items()},
+                face_restorers={kind.value: files.get(kind.value, {}) for kind in FACE_RESTORER_TYPES},
+            )
+            result = await asyncio.to_thread(self.extras.run, request, models)
+        phases["process_ms"] = round((time.perf_counter() - mark) * 1000, 1)
+        for image in result.images:
+            await storage.put(f"{job.output_prefix}/{image.name}", image.png, "image/png")
+        record = {
+            "parameters": result.parameters,
+            "info": result.info,
+            "endpoint_name": self.endpoint,
+            "inference_id": job.inference_id,
+        }
+        await storage.put(
+            f"{job.output_prefix}/{job.inference_id}_param.json", json.dumps(record).encode(), "application/json"
+        )
+        return [image.name for image in result.images], result.info
 
     async def _model_files(self, models: list[ModelFile]):
         from services.inference.worker.engine import ModelFiles

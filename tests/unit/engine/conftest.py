@@ -3,11 +3,14 @@
 from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
     checkpoint,
     embedding,
+    esrgan_upscaler,
     lora,
     model_dir,
     no_network,
     other_checkpoint,
+    rembg_model,
     sdxl_checkpoint,
     sdxl_lora,
+    upscaler,
     vae,
 )

@@ -6,6 +6,10 @@ package), with no Hugging Face hub access.
     request = GenerationRequest.from_payload("txt2img", payload)
     result = engine.generate(request, ModelFiles(checkpoint=path), progress=report)
 
+The same workers run the extras (`Extras`: upscalers found by name in `Upscalers`, each an
+`upscale(image, target) -> image`) and background removal (`BackgroundRemover`, rembg's models
+on onnxruntime).
+
 A user's mistake (a bad payload, an unknown sampler, a checkpoint, LoRA or embedding that does
 not fit) raises a `shared.errors.Invalid` whose message is meant for the user; anything else is
 a bug or a broken installation.
@@ -20,11 +24,27 @@ from services.inference.worker.engine.engine import (
     IncompatibleModel,
     ModelFiles,
 )
+from services.inference.worker.engine.extras import Extras, ExtrasModels, ExtrasRequest, FaceRestorationUnavailable
+from services.inference.worker.engine.outputs import ImagesResult, NamedImage
+from services.inference.worker.engine.rembg import BackgroundRemover, RembgRequest, UnknownRembgModel
 from services.inference.worker.engine.request import GenerationRequest, InvalidPayload
 from services.inference.worker.engine.samplers import UnknownSampler
+from services.inference.worker.engine.upscalers import UnknownUpscaler, Upscale, Upscalers
 
 __all__ = [
+    "BackgroundRemover",
     "Engine",
+    "Extras",
+    "ExtrasModels",
+    "ExtrasRequest",
+    "FaceRestorationUnavailable",
+    "ImagesResult",
+    "NamedImage",
+    "RembgRequest",
+    "UnknownRembgModel",
+    "UnknownUpscaler",
+    "Upscale",
+    "Upscalers",
     "GenerationCancelled",
     "GenerationRequest",
     "GenerationResult",
