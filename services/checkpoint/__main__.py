@@ -17,7 +17,7 @@ async def setup(runtime: Runtime):
     settings = runtime.settings
     client = mongo_client(settings)
     runtime.stack.push_async_callback(client.close)
-    store = CheckpointStore(client[settings.database_name(SERVICE)])
+    store = CheckpointStore(client[settings.database_name(SERVICE)], runtime.outbox)
     storage = await ObjectStore.open(settings, runtime.stack)
     downloader = Downloader(
         storage,
@@ -25,7 +25,7 @@ async def setup(runtime: Runtime):
         part_bytes=settings.checkpoint_download_part_mb * 1024 * 1024,
         timeout=settings.checkpoint_download_timeout,
     )
-    checkpoints = Checkpoints(store, storage, downloader, runtime.events, runtime.broker, runtime.names)
+    checkpoints = Checkpoints(store, storage, downloader, runtime.broker, runtime.names)
     handlers.register(runtime, checkpoints)
 
     async def prepare() -> None:

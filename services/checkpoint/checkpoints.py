@@ -43,7 +43,7 @@ from shared.contracts.checkpoint import (
     UpdatedCheckpoint,
 )
 from shared.errors import Invalid, NotFound
-from shared.messaging import EventPublisher, Names, send_work
+from shared.messaging import Names, send_work
 from shared.storage import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -58,14 +58,12 @@ class Checkpoints:
         store: CheckpointStore,
         storage: ObjectStore,
         downloader: Downloader,
-        events: EventPublisher,
         broker: RabbitBroker,
         names: Names,
     ) -> None:
         self.store = store
         self.storage = storage
         self.downloader = downloader
-        self.events = events
         self.broker = broker
         self.names = names
 
@@ -167,17 +165,22 @@ class Checkpoints:
             domain.check_activation(checkpoint, command.multi_parts_tags)
             for name, tags in (command.multi_parts_tags or {}).items():
                 await self._complete(checkpoint, name, [(tag.PartNumber, tag.ETag) for tag in tags])
-            if await self.store.transition(checkpoint.id, [CheckpointStatus.INITIAL], status=CheckpointStatus.ACTIVE):
+            if await self.store.transition(
+                checkpoint.id,
+                [CheckpointStatus.INITIAL],
+                [CheckpointActivated(**self._changed(checkpoint))],
+                status=CheckpointStatus.ACTIVE,
+            ):
                 log.info("checkpoint.activated", checkpoint_id=checkpoint.id, actor=command.actor.username)
-                await self.events.publish(CheckpointActivated(**self._changed(checkpoint)))
             return
         domain.check_status_change(checkpoint, wanted)
         if wanted is checkpoint.status:
             return
-        if await self.store.transition(checkpoint.id, [checkpoint.status], status=wanted):
-            event = CheckpointActivated if wanted is CheckpointStatus.ACTIVE else CheckpointDisabled
+        event = CheckpointActivated if wanted is CheckpointStatus.ACTIVE else CheckpointDisabled
+        if await self.store.transition(
+            checkpoint.id, [checkpoint.status], [event(**self._changed(checkpoint))], status=wanted
+        ):
             log.info("checkpoint.status_changed", checkpoint_id=checkpoint.id, status=wanted.value)
-            await self.events.publish(event(**self._changed(checkpoint)))
 
     async def _complete(self, checkpoint: Checkpoint, name: str, parts: list[tuple[int, str]]) -> None:
         upload = checkpoint.params.get("multipart_upload", {}).get(name)
@@ -201,10 +204,9 @@ class Checkpoints:
                 if checkpoint.status is CheckpointStatus.INITIAL and upload:
                     await self.storage.abort_multipart(upload["key"], upload["upload_id"])
             removed = await self.storage.delete_prefix(checkpoint.prefix + "/")
-            await self.store.delete(checkpoint.id)
+            await self.store.delete(checkpoint.id, CheckpointDeleted(**self._changed(checkpoint)))
             await self.store.release_names(checkpoint.names, checkpoint.id)
             log.info("checkpoint.deleted", checkpoint_id=checkpoint.id, objects=removed, actor=command.actor.username)
-            await self.events.publish(CheckpointDeleted(**self._changed(checkpoint)))
 
     async def list(self, command: ListCheckpoints) -> CheckpointPage:
         owners: list[str] | None
@@ -281,9 +283,8 @@ class Checkpoints:
             raise Invalid(f"{command.source_key} does not exist in storage")
         await self._copy(command.source_key, checkpoint.key(name), size)
         checkpoint.status = CheckpointStatus.ACTIVE
-        await self.store.insert(checkpoint)
+        await self.store.insert(checkpoint, [CheckpointActivated(**self._changed(checkpoint))])
         log.info("checkpoint.registered", checkpoint_id=checkpoint.id, file=name, actor=command.actor.username)
-        await self.events.publish(CheckpointActivated(**self._changed(checkpoint)))
         return checkpoint.item()
 
     # --- work ---
@@ -317,17 +318,23 @@ class Checkpoints:
         except Invalid as error:
             await self._fail(checkpoint, error.message)
             return
-        if not await self.store.transition(checkpoint.id, [CheckpointStatus.INITIAL], status=CheckpointStatus.ACTIVE):
+        activated = CheckpointActivated(**self._changed(checkpoint))
+        if not await self.store.transition(
+            checkpoint.id, [CheckpointStatus.INITIAL], [activated], status=CheckpointStatus.ACTIVE
+        ):
             # deleted while downloading: what was written has no owner
             await self.storage.delete_prefix(checkpoint.prefix + "/")
             return
         log.info("checkpoint.downloaded", checkpoint_id=checkpoint.id, file=name, bytes=size)
-        await self.events.publish(CheckpointActivated(**self._changed(checkpoint)))
 
     async def _fail(self, checkpoint: Checkpoint, error: str) -> None:
         log.warning("checkpoint.failed", checkpoint_id=checkpoint.id, error=error)
-        await self.store.update(checkpoint.id, status=CheckpointStatus.FAILED, error=error)
-        await self.events.publish(CheckpointFailed(checkpoint_id=checkpoint.id, error=error))
+        await self.store.update(
+            checkpoint.id,
+            [CheckpointFailed(checkpoint_id=checkpoint.id, error=error)],
+            status=CheckpointStatus.FAILED,
+            error=error,
+        )
 
     async def rename(self, message: RenameCheckpoint) -> None:
         checkpoint = await self.store.get(message.checkpoint_id)
@@ -339,10 +346,9 @@ class Checkpoints:
             await self._copy(source, target, size)
             await self.storage.client.delete_object(Bucket=self.storage.bucket, Key=source)
         checkpoint.names = [message.new_name, *checkpoint.names[1:]]
-        await self.store.update(checkpoint.id, names=checkpoint.names)
+        await self.store.update(checkpoint.id, [CheckpointRenamed(**self._changed(checkpoint))], names=checkpoint.names)
         await self.store.release_names([message.old_name], checkpoint.id)
         log.info("checkpoint.renamed", checkpoint_id=checkpoint.id, old=message.old_name, new=message.new_name)
-        await self.events.publish(CheckpointRenamed(**self._changed(checkpoint)))
 
     async def _copy(self, source: str, target: str, size: int) -> None:
         bucket = self.storage.bucket

@@ -4,6 +4,7 @@ index on a plain field works on every MongoDB, where one over an array may not).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
@@ -12,6 +13,8 @@ from pymongo.errors import DuplicateKeyError
 
 from services.checkpoint.domain import Checkpoint, duplicate_name_error
 from shared.contracts.checkpoint import CheckpointStatus, CheckpointType
+from shared.messaging import Event
+from shared.outbox import LIVE, Outbox, embedded, entries, tombstone
 
 _FIELDS = (
     "id",
@@ -44,9 +47,14 @@ def _doc(checkpoint: Checkpoint) -> dict:
 
 
 class CheckpointStore:
-    def __init__(self, db: AsyncDatabase) -> None:
+    """Writes that change what others may know of a checkpoint take the events announcing it;
+    they go out through the outbox (shared/outbox.py)."""
+
+    def __init__(self, db: AsyncDatabase, outbox: Outbox) -> None:
         self.checkpoints = db["checkpoints"]
         self.names = db["names"]
+        self.outbox = outbox
+        outbox.watch(self.checkpoints)
 
     async def ensure_indexes(self) -> None:
         await self.checkpoints.create_index([("id", ASCENDING)], unique=True)
@@ -80,23 +88,33 @@ class CheckpointStore:
 
     # --- checkpoints ---
 
-    async def insert(self, checkpoint: Checkpoint) -> None:
-        await self.checkpoints.insert_one(_doc(checkpoint))
+    async def insert(self, checkpoint: Checkpoint, events: Sequence[Event] = ()) -> None:
+        await self.checkpoints.insert_one({**_doc(checkpoint), **(embedded(*events) if events else {})})
+        if events:
+            await self.outbox.send(self.checkpoints, {"id": checkpoint.id})
 
     async def get(self, checkpoint_id: str) -> Checkpoint | None:
-        doc = await self.checkpoints.find_one({"id": checkpoint_id})
+        doc = await self.checkpoints.find_one({"id": checkpoint_id, **LIVE})
         return _checkpoint(doc) if doc else None
 
-    async def update(self, checkpoint_id: str, **fields: Any) -> None:
-        await self.checkpoints.update_one({"id": checkpoint_id}, {"$set": self._values(fields)})
-
-    async def transition(self, checkpoint_id: str, expected: list[CheckpointStatus], **fields: Any) -> bool:
-        """Set fields only if the status is still one of `expected` (a guard against a
-        concurrent change); True when it was."""
-        result = await self.checkpoints.update_one(
-            {"id": checkpoint_id, "status": {"$in": [status.value for status in expected]}},
-            {"$set": self._values(fields)},
+    async def update(self, checkpoint_id: str, events: Sequence[Event] = (), **fields: Any) -> None:
+        await self.checkpoints.update_one(
+            {"id": checkpoint_id, **LIVE}, {"$set": {**self._values(fields), **entries(*events)}}
         )
+        if events:
+            await self.outbox.send(self.checkpoints, {"id": checkpoint_id})
+
+    async def transition(
+        self, checkpoint_id: str, expected: list[CheckpointStatus], events: Sequence[Event] = (), **fields: Any
+    ) -> bool:
+        """Set fields (and announce it) only if the status is still one of `expected` (a guard
+        against a concurrent change); True when it was."""
+        result = await self.checkpoints.update_one(
+            {"id": checkpoint_id, "status": {"$in": [status.value for status in expected]}, **LIVE},
+            {"$set": {**self._values(fields), **entries(*events)}},
+        )
+        if result.matched_count == 1 and events:
+            await self.outbox.send(self.checkpoints, {"id": checkpoint_id})
         return result.matched_count == 1
 
     async def count_attempt(self, checkpoint_id: str) -> None:
@@ -111,7 +129,7 @@ class CheckpointStore:
         skip: int,
         limit: int,
     ) -> tuple[int, list[Checkpoint]]:
-        query: dict[str, Any] = {}
+        query: dict[str, Any] = dict(LIVE)
         if types:
             query["type"] = {"$in": [value.value for value in types]}
         if statuses:
@@ -122,8 +140,9 @@ class CheckpointStore:
         cursor = self.checkpoints.find(query).sort("created", DESCENDING).skip(skip).limit(limit)
         return total, [_checkpoint(doc) async for doc in cursor]
 
-    async def delete(self, checkpoint_id: str) -> None:
-        await self.checkpoints.delete_one({"id": checkpoint_id})
+    async def delete(self, checkpoint_id: str, deleted: Event) -> None:
+        await self.checkpoints.update_one({"id": checkpoint_id, **LIVE}, tombstone(deleted))
+        await self.outbox.send(self.checkpoints, {"id": checkpoint_id})
 
     @staticmethod
     def _values(fields: dict[str, Any]) -> dict[str, Any]:

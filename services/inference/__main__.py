@@ -22,7 +22,7 @@ async def setup(runtime: Runtime):
     settings, broker, names = runtime.settings, runtime.broker, runtime.names
     client = mongo_client(settings)
     runtime.stack.push_async_callback(client.close)
-    store = InferenceStore(client[settings.database_name(SERVICE)])
+    store = InferenceStore(client[settings.database_name(SERVICE)], runtime.outbox)
     storage = await ObjectStore.open(settings, runtime.stack)
     pools = LocalPool(settings.var_dir.resolve() / "log", max_workers=settings.local_max_workers)
     runtime.stack.push_async_callback(pools.close)  # workers go when the service goes
@@ -30,14 +30,13 @@ async def setup(runtime: Runtime):
     runtime.stack.push_async_callback(depths.close)
     # a worker is alive while its heartbeats keep coming; three missed ones and it is gone
     live_within = 3 * settings.worker_heartbeat_seconds
-    jobs = Jobs(store, storage, runtime.events, broker, names, depths, live_within=live_within)
-    endpoints = Endpoints(store, pools, runtime.events, broker, names, live_within=live_within, fail_job=jobs.fail)
+    jobs = Jobs(store, storage, broker, names, depths, live_within=live_within)
+    endpoints = Endpoints(store, pools, broker, names, live_within=live_within, fail_job=jobs.fail)
     catalog = Catalog(store)
     autoscaler = Autoscaler(
         store,
         pools,
         depths,
-        runtime.events,
         names,
         live_within=live_within,
         start_timeout=settings.endpoint_start_timeout,

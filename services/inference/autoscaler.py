@@ -13,7 +13,7 @@ from services.inference.scaling import PoolLimits, PoolState, desired_workers
 from services.inference.store import InferenceStore
 from shared.contracts.inference import EndpointFailed, EndpointStatus, queue_of
 from shared.contracts.workers import WorkerState
-from shared.messaging import EventPublisher, Names, QueueDepths
+from shared.messaging import Names, QueueDepths
 from shared.pools import PoolBackend
 
 log = structlog.get_logger(__name__)
@@ -25,7 +25,6 @@ class Autoscaler:
         store: InferenceStore,
         pools: PoolBackend,
         depths: QueueDepths,
-        events: EventPublisher,
         names: Names,
         *,
         live_within: float,
@@ -35,7 +34,6 @@ class Autoscaler:
         self.store = store
         self.pools = pools
         self.depths = depths
-        self.events = events
         self.names = names
         self.live_within = live_within
         self.start_timeout = start_timeout
@@ -68,11 +66,11 @@ class Autoscaler:
                 await self.pools.scale(name, wanted)
             if endpoint.status is EndpointStatus.CREATING and not live and now - endpoint.created > self.start_timeout:
                 error = f"no worker reported ready within {self.start_timeout:g} s; see the worker logs"
-                await self.store.update_endpoint(name, status=EndpointStatus.FAILED, error=error)
-                log.warning("endpoint.failed", endpoint=name, error=error)
-                await self.events.publish(
-                    EndpointFailed(endpoint_name=name, endpoint_status=EndpointStatus.FAILED, current_instance_count=0)
+                failed = EndpointFailed(
+                    endpoint_name=name, endpoint_status=EndpointStatus.FAILED, current_instance_count=0
                 )
+                await self.store.update_endpoint(name, [failed], status=EndpointStatus.FAILED, error=error)
+                log.warning("endpoint.failed", endpoint=name, error=error)
 
     async def forever(self, interval: float = 1.0) -> None:
         while True:

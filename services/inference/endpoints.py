@@ -26,7 +26,7 @@ from shared.contracts.inference import (
     queue_of,
 )
 from shared.contracts.workers import WorkerHeartbeat, WorkerState
-from shared.messaging import EventPublisher, Names, declare_work_queue
+from shared.messaging import Names, declare_work_queue
 from shared.permissions import allows
 from shared.pools import PoolBackend
 
@@ -38,7 +38,6 @@ class Endpoints:
         self,
         store: InferenceStore,
         pools: PoolBackend,
-        events: EventPublisher,
         broker: RabbitBroker,
         names: Names,
         *,
@@ -47,7 +46,6 @@ class Endpoints:
     ) -> None:
         self.store = store
         self.pools = pools
-        self.events = events
         self.broker = broker
         self.names = names
         self.live_within = live_within
@@ -93,11 +91,11 @@ class Endpoints:
             await self.store.update_endpoint(name, status=EndpointStatus.DELETING)
             await self.pools.stop(name)  # running jobs finish first
             await self._fail_queued(name)
-            await self.store.remove_endpoint(name)
-            log.info("endpoint.deleted", endpoint=name, actor=command.actor.username)
-            await self.events.publish(
-                EndpointDeleted(endpoint_name=name, endpoint_status=EndpointStatus.DELETING, current_instance_count=0)
+            await self.store.remove_endpoint(
+                name,
+                EndpointDeleted(endpoint_name=name, endpoint_status=EndpointStatus.DELETING, current_instance_count=0),
             )
+            log.info("endpoint.deleted", endpoint=name, actor=command.actor.username)
 
     async def _fail_queued(self, name: str) -> None:
         queue = await self.broker.declare_queue(self.names.work_queue(queue_of(name)))
@@ -120,12 +118,10 @@ class Endpoints:
             and endpoint.status in (EndpointStatus.CREATING, EndpointStatus.FAILED)
             and beat.state in (WorkerState.READY, WorkerState.BUSY)
         ):
+            in_service = EndpointInService(
+                endpoint_name=endpoint.name, endpoint_status=EndpointStatus.IN_SERVICE, current_instance_count=1
+            )
             await self.store.update_endpoint(
-                endpoint.name, status=EndpointStatus.IN_SERVICE, ready_at=time.time(), error=None
+                endpoint.name, [in_service], status=EndpointStatus.IN_SERVICE, ready_at=time.time(), error=None
             )
             log.info("endpoint.in_service", endpoint=endpoint.name, worker_id=beat.worker_id)
-            await self.events.publish(
-                EndpointInService(
-                    endpoint_name=endpoint.name, endpoint_status=EndpointStatus.IN_SERVICE, current_instance_count=1
-                )
-            )

@@ -47,7 +47,7 @@ from shared.contracts.inference import (
 from shared.contracts.workers import GoAhead, WorkerState
 from shared.errors import Invalid, NotFound
 from shared.esd import decode_position, encode_position, esd_time
-from shared.messaging import EventPublisher, Names, QueueDepths, send_work
+from shared.messaging import Names, QueueDepths, send_work
 from shared.permissions import allows
 from shared.storage import ObjectStore
 
@@ -63,7 +63,6 @@ class Jobs:
         self,
         store: InferenceStore,
         storage: ObjectStore,
-        events: EventPublisher,
         broker: RabbitBroker,
         names: Names,
         depths: QueueDepths,
@@ -72,7 +71,6 @@ class Jobs:
     ) -> None:
         self.store = store
         self.storage = storage
-        self.events = events
         self.broker = broker
         self.names = names
         self.depths = depths
@@ -287,13 +285,18 @@ class Jobs:
                 report.inference_id, f"gave up after {MAX_JOB_ATTEMPTS} attempts: workers stopped while running it"
             )
             return GoAhead(run=False, reason="too many attempts")
-        await self.store.update_job(
-            report.inference_id, status=JobStatus.IN_PROGRESS, worker_id=report.worker_id, run_started=time.time()
+        started = InferenceStarted(
+            inference_id=report.inference_id,
+            endpoint_name=job.endpoint_name,
+            worker_id=report.worker_id,
+            owner=job.owner,
         )
-        await self.events.publish(
-            InferenceStarted(
-                inference_id=report.inference_id, endpoint_name=job.endpoint_name, worker_id=report.worker_id
-            )
+        await self.store.update_job(
+            report.inference_id,
+            [started],
+            status=JobStatus.IN_PROGRESS,
+            worker_id=report.worker_id,
+            run_started=time.time(),
         )
         return GoAhead(run=True)
 
@@ -301,24 +304,23 @@ class Jobs:
         job = await self.store.job(report.inference_id)
         if job is None:
             return
+        prefix = domain.output_prefix(report.inference_id)
+        succeeded = InferenceSucceeded(
+            inference_id=report.inference_id,
+            endpoint_name=job.endpoint_name,
+            image_keys=[f"{prefix}/{name}" for name in report.image_names],
+            owner=job.owner,
+        )
         if await self.store.transition_job(
             report.inference_id,
             _UNFINISHED,
+            [succeeded],
             status=JobStatus.SUCCEEDED,
             complete_time=time.time(),
             image_names=report.image_names,
             info=report.info,
         ):
-            prefix = domain.output_prefix(report.inference_id)
             log.info("inference.succeeded", inference_id=report.inference_id, images=len(report.image_names))
-            await self.events.publish(
-                InferenceSucceeded(
-                    inference_id=report.inference_id,
-                    endpoint_name=job.endpoint_name,
-                    image_keys=[f"{prefix}/{name}" for name in report.image_names],
-                    owner=job.owner,
-                )
-            )
 
     async def failed(self, report: ReportInferenceFailed) -> None:
         await self.fail(report.inference_id, report.error)
@@ -327,15 +329,13 @@ class Jobs:
         job = await self.store.job(inference_id)
         if job is None:
             return
+        failed = InferenceFailed(
+            inference_id=inference_id, endpoint_name=job.endpoint_name, error=error, owner=job.owner
+        )
         if await self.store.transition_job(
-            inference_id, _UNFINISHED, status=JobStatus.FAILED, complete_time=time.time(), error=error
+            inference_id, _UNFINISHED, [failed], status=JobStatus.FAILED, complete_time=time.time(), error=error
         ):
             log.warning("inference.failed", inference_id=inference_id, error=error)
-            await self.events.publish(
-                InferenceFailed(
-                    inference_id=inference_id, endpoint_name=job.endpoint_name, error=error, owner=job.owner
-                )
-            )
 
     async def progressed(self, event: InferenceProgress) -> None:
         """Stored a few times a second at most (a worker reports every step): enough for a
@@ -360,11 +360,11 @@ class Jobs:
             raise NotFound(f"inference with id {command.inference_id} not found")
         domain.check_owner(command.actor, job)
         domain.check_cancelable(job)
-        if await self.store.transition_job(job.id, _UNFINISHED, status=JobStatus.CANCELED, complete_time=time.time()):
+        canceled = InferenceCanceled(inference_id=job.id, endpoint_name=job.endpoint_name, owner=job.owner)
+        if await self.store.transition_job(
+            job.id, _UNFINISHED, [canceled], status=JobStatus.CANCELED, complete_time=time.time()
+        ):
             log.info("inference.canceled", inference_id=job.id, actor=command.actor.username)
-            await self.events.publish(
-                InferenceCanceled(inference_id=job.id, endpoint_name=job.endpoint_name, owner=job.owner)
-            )
         else:  # it finished meanwhile
             domain.check_cancelable(await self.store.job(job.id) or job)
         return await self._view(await self.store.job(job.id) or job)

@@ -5,6 +5,7 @@ Documents are the records of `domain.py`, field for field."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
@@ -14,6 +15,8 @@ from pymongo.errors import DuplicateKeyError
 from services.inference.domain import CatalogEntry, Endpoint, InferenceJob, Worker
 from shared.contracts.workers import WorkerState
 from shared.errors import Invalid
+from shared.messaging import Event
+from shared.outbox import LIVE, Outbox, entries, tombstone
 
 _LIVE = [WorkerState.READY.value, WorkerState.BUSY.value]
 
@@ -23,11 +26,16 @@ def _doc(record: Any) -> dict[str, Any]:
 
 
 class InferenceStore:
-    def __init__(self, db: AsyncDatabase) -> None:
+    """Writes that change what others may know of an endpoint or a job take the events
+    announcing it; they go out through the outbox (shared/outbox.py)."""
+
+    def __init__(self, db: AsyncDatabase, outbox: Outbox) -> None:
         self.endpoints = db["endpoints"]
         self.workers = db["workers"]
         self.jobs = db["jobs"]
         self.models = db["models"]
+        self.outbox = outbox
+        outbox.watch(self.endpoints, self.jobs)
 
     async def ensure_indexes(self) -> None:
         await self.endpoints.create_index([("name", ASCENDING)], unique=True)
@@ -46,19 +54,22 @@ class InferenceStore:
             raise Invalid("Cannot create already existing model") from None
 
     async def endpoint(self, name: str) -> Endpoint | None:
-        doc = await self.endpoints.find_one({"name": name})
+        doc = await self.endpoints.find_one({"name": name, **LIVE})
         return Endpoint.model_validate(doc) if doc else None
 
     async def all_endpoints(self) -> list[Endpoint]:
-        cursor = self.endpoints.find({}).sort("created", DESCENDING)
+        cursor = self.endpoints.find(LIVE).sort("created", DESCENDING)
         return [Endpoint.model_validate(doc) async for doc in cursor]
 
-    async def update_endpoint(self, name: str, **fields: Any) -> None:
-        await self.endpoints.update_one({"name": name}, {"$set": fields})
+    async def update_endpoint(self, name: str, events: Sequence[Event] = (), **fields: Any) -> None:
+        await self.endpoints.update_one({"name": name, **LIVE}, {"$set": {**fields, **entries(*events)}})
+        if events:
+            await self.outbox.send(self.endpoints, {"name": name})
 
-    async def remove_endpoint(self, name: str) -> None:
-        await self.endpoints.delete_one({"name": name})
+    async def remove_endpoint(self, name: str, deleted: Event) -> None:
+        await self.endpoints.update_one({"name": name, **LIVE}, tombstone(deleted))
         await self.workers.delete_many({"endpoint_name": name})
+        await self.outbox.send(self.endpoints, {"name": name})
 
     # --- workers ---
 
@@ -83,13 +94,21 @@ class InferenceStore:
         doc = await self.jobs.find_one({"id": inference_id})
         return InferenceJob.model_validate(doc) if doc else None
 
-    async def update_job(self, inference_id: str, **fields: Any) -> None:
-        await self.jobs.update_one({"id": inference_id}, {"$set": fields})
+    async def update_job(self, inference_id: str, events: Sequence[Event] = (), **fields: Any) -> None:
+        await self.jobs.update_one({"id": inference_id}, {"$set": {**fields, **entries(*events)}})
+        if events:
+            await self.outbox.send(self.jobs, {"id": inference_id})
 
-    async def transition_job(self, inference_id: str, expected: list[str], **fields: Any) -> bool:
-        """Set fields only while the job's status is one of `expected` (a guard against a
-        concurrent change); True when it was."""
-        result = await self.jobs.update_one({"id": inference_id, "status": {"$in": expected}}, {"$set": fields})
+    async def transition_job(
+        self, inference_id: str, expected: list[str], events: Sequence[Event] = (), **fields: Any
+    ) -> bool:
+        """Set fields (and announce it) only while the job's status is one of `expected` (a
+        guard against a concurrent change); True when it was."""
+        result = await self.jobs.update_one(
+            {"id": inference_id, "status": {"$in": expected}}, {"$set": {**fields, **entries(*events)}}
+        )
+        if result.matched_count == 1 and events:
+            await self.outbox.send(self.jobs, {"id": inference_id})
         return result.matched_count == 1
 
     async def count_attempt(self, inference_id: str) -> int:

@@ -27,12 +27,12 @@ async def setup(runtime: Runtime):
     settings, broker, names = runtime.settings, runtime.broker, runtime.names
     client = mongo_client(settings)
     runtime.stack.push_async_callback(client.close)
-    store = TrainingStore(client[settings.database_name(SERVICE)])
+    store = TrainingStore(client[settings.database_name(SERVICE)], runtime.outbox)
     storage = await ObjectStore.open(settings, runtime.stack)
     pool = LocalPool(settings.var_dir.resolve() / "log", module="services.training.worker", stop_timeout=30)
     runtime.stack.push_async_callback(pool.close)  # workers go when the service goes
     datasets = Datasets(store, storage)
-    trainings = Trainings(store, storage, runtime.events, broker, names, runtime.client())
+    trainings = Trainings(store, storage, broker, names, runtime.client())
     handlers.register(runtime, datasets, trainings)
 
     async def prepare() -> None:

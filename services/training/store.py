@@ -3,6 +3,7 @@ Documents are the records of `domain.py`, field for field."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
@@ -11,12 +12,19 @@ from pymongo.errors import DuplicateKeyError
 
 from services.training.domain import Dataset, TrainingJob
 from shared.errors import Invalid
+from shared.messaging import Event
+from shared.outbox import Outbox, entries
 
 
 class TrainingStore:
-    def __init__(self, db: AsyncDatabase) -> None:
+    """Writes that change what others may know of a training take the events announcing it;
+    they go out through the outbox (shared/outbox.py)."""
+
+    def __init__(self, db: AsyncDatabase, outbox: Outbox) -> None:
         self.datasets = db["datasets"]
         self.trainings = db["trainings"]
+        self.outbox = outbox
+        outbox.watch(self.trainings)
 
     async def ensure_indexes(self) -> None:
         await self.datasets.create_index([("name", ASCENDING)], unique=True)
@@ -53,12 +61,21 @@ class TrainingStore:
         doc = await self.trainings.find_one({"id": training_id})
         return TrainingJob.model_validate(doc) if doc else None
 
-    async def update_training(self, training_id: str, **fields: Any) -> None:
-        await self.trainings.update_one({"id": training_id}, {"$set": fields})
+    async def update_training(self, training_id: str, events: Sequence[Event] = (), **fields: Any) -> None:
+        await self.trainings.update_one({"id": training_id}, {"$set": {**fields, **entries(*events)}})
+        if events:
+            await self.outbox.send(self.trainings, {"id": training_id})
 
-    async def transition(self, training_id: str, expected: list[str], **fields: Any) -> bool:
-        """Set fields only while the status is one of `expected`; True when it was."""
-        result = await self.trainings.update_one({"id": training_id, "status": {"$in": expected}}, {"$set": fields})
+    async def transition(
+        self, training_id: str, expected: list[str], events: Sequence[Event] = (), **fields: Any
+    ) -> bool:
+        """Set fields (and announce it) only while the status is one of `expected`; True when
+        it was."""
+        result = await self.trainings.update_one(
+            {"id": training_id, "status": {"$in": expected}}, {"$set": {**fields, **entries(*events)}}
+        )
+        if result.matched_count == 1 and events:
+            await self.outbox.send(self.trainings, {"id": training_id})
         return result.matched_count == 1
 
     async def count_attempt(self, training_id: str) -> int:

@@ -42,7 +42,7 @@ from shared.contracts.training import (
 from shared.contracts.workers import GoAhead
 from shared.errors import Invalid, NotFound
 from shared.esd import decode_position, encode_position, esd_time
-from shared.messaging import EventPublisher, Names, send_work
+from shared.messaging import Names, send_work
 from shared.rpc import RpcClient
 from shared.storage import ObjectStore
 
@@ -57,14 +57,12 @@ class Trainings:
         self,
         store: TrainingStore,
         storage: ObjectStore,
-        events: EventPublisher,
         broker: RabbitBroker,
         names: Names,
         rpc: RpcClient,
     ) -> None:
         self.store = store
         self.storage = storage
-        self.events = events
         self.broker = broker
         self.names = names
         self.rpc = rpc
@@ -224,9 +222,13 @@ class Trainings:
         if training is None or training.status is TrainingStatus.COMPLETED:
             return
         item = await self._register(training, report.final_key, domain.lora_checkpoint_id(training.id))
+        completed = TrainingCompleted(
+            training_id=training.id, checkpoint_id=item.id, lora_name=item.name[0], owner=training.owner
+        )
         if await self.store.transition(
             training.id,
             _UNFINISHED,
+            [completed],
             status=TrainingStatus.COMPLETED,
             completed=time.time(),
             checkpoint_id=item.id,
@@ -235,11 +237,6 @@ class Trainings:
             info=report.info,
         ):
             log.info("training.completed", training_id=training.id, checkpoint_id=item.id, lora=item.name[0])
-            await self.events.publish(
-                TrainingCompleted(
-                    training_id=training.id, checkpoint_id=item.id, lora_name=item.name[0], owner=training.owner
-                )
-            )
 
     async def _register(self, training: TrainingJob, key: str, checkpoint_id: str) -> checkpoints.CheckpointItem:
         """A LoRA file of the training as an Active checkpoint of its owner's roles (once: the
@@ -267,9 +264,9 @@ class Trainings:
         if training.status is TrainingStatus.INITIAL:
             await self._stopped(training, [])
         elif not training.stop_requested:
-            await self.store.update_training(training.id, stop_requested=True)
+            requested = TrainingStopRequested(training_id=training.id, owner=training.owner)
+            await self.store.update_training(training.id, [requested], stop_requested=True)
             log.info("training.stop_requested", training_id=training.id, actor=command.actor.username)
-            await self.events.publish(TrainingStopRequested(training_id=training.id, owner=training.owner))
         return self._view(await self.store.training(training.id) or training)
 
     async def stopped(self, report: ReportTrainingStopped) -> None:
@@ -283,17 +280,16 @@ class Trainings:
         await self._stopped(training, [item.id for item in saved])
 
     async def _stopped(self, training: TrainingJob, checkpoint_ids: list[str]) -> None:
+        stopped = TrainingStopped(training_id=training.id, owner=training.owner, checkpoint_ids=checkpoint_ids)
         if await self.store.transition(
             training.id,
             _UNFINISHED,
+            [stopped],
             status=TrainingStatus.STOPPED,
             completed=time.time(),
             saved_checkpoint_ids=checkpoint_ids,
         ):
             log.info("training.stopped", training_id=training.id, saved=len(checkpoint_ids))
-            await self.events.publish(
-                TrainingStopped(training_id=training.id, owner=training.owner, checkpoint_ids=checkpoint_ids)
-            )
 
     async def failed(self, report: ReportTrainingFailed) -> None:
         training = await self.store.training(report.training_id)
@@ -301,11 +297,11 @@ class Trainings:
             await self._fail(training, report.error)
 
     async def _fail(self, training: TrainingJob, error: str) -> None:
+        failed = TrainingFailed(training_id=training.id, error=error, owner=training.owner)
         if await self.store.transition(
-            training.id, _UNFINISHED, status=TrainingStatus.FAILED, completed=time.time(), error=error
+            training.id, _UNFINISHED, [failed], status=TrainingStatus.FAILED, completed=time.time(), error=error
         ):
             log.warning("training.failed", training_id=training.id, error=error)
-            await self.events.publish(TrainingFailed(training_id=training.id, error=error, owner=training.owner))
 
     async def progressed(self, event: TrainingProgress) -> None:
         progress = domain.progress_of(event.epoch, event.epochs, event.step, event.steps, event.loss, event.eta)

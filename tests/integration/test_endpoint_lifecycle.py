@@ -15,6 +15,7 @@ from shared.contracts.inference import SERVICE, CreateEndpoint, EndpointStatus, 
 from shared.contracts.workers import WorkerHeartbeat, WorkerState
 from shared.db import mongo_client
 from shared.messaging import EventPublisher, Names, QueueDepths, create_broker
+from shared.outbox import Outbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -51,20 +52,17 @@ async def inference(settings_factory):
         await broker.declare_exchange(names.events)
         client = mongo_client(settings)
         stack.push_async_callback(client.close)
-        store = InferenceStore(client[settings.database_name(SERVICE)])
+        store = InferenceStore(client[settings.database_name(SERVICE)], Outbox(EventPublisher(broker, names)))
         await store.ensure_indexes()
         depths = QueueDepths(settings.amqp_url)
         stack.push_async_callback(depths.close)
         pool = IdlePool()
-        events = EventPublisher(broker, names)
 
         async def fail_job(inference_id: str, reason: str) -> None:
             raise AssertionError("no job is queued in these tests")
 
-        endpoints = Endpoints(store, pool, events, broker, names, live_within=6, fail_job=fail_job)
-        autoscaler = Autoscaler(
-            store, pool, depths, events, names, live_within=6, start_timeout=0.5, scale_down_after=60
-        )
+        endpoints = Endpoints(store, pool, broker, names, live_within=6, fail_job=fail_job)
+        autoscaler = Autoscaler(store, pool, depths, names, live_within=6, start_timeout=0.5, scale_down_after=60)
         yield endpoints, autoscaler, pool
 
 
