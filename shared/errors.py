@@ -42,6 +42,12 @@ class Conflict(EsdError):
     status = 409
 
 
+class Unprocessable(EsdError):
+    """Well-formed, but reusing what belongs to another request (an Idempotency-Key)."""
+
+    status = 422
+
+
 class PayloadTooLarge(EsdError):
     status = 413
 

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from faststream.rabbit import RabbitBroker
 
+from shared.idempotency import Idempotency
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, create_broker, declare_event_log
 from shared.outbox import Outbox
@@ -41,6 +42,10 @@ class Runtime:
     @property
     def events(self) -> EventPublisher:
         return EventPublisher(self.broker, self.names)
+
+    def idempotency(self, db) -> Idempotency:
+        """Keys of repeated creating commands, kept in the service's database `db`."""
+        return Idempotency(db, self.settings.idempotency_key_ttl)
 
     @property
     def outbox(self) -> Outbox:

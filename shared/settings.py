@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     # that jobs may use besides their `rembg` checkpoints; nothing is ever downloaded
     rembg_models_dir: Path | None = None
 
+    # an Idempotency-Key of a creating POST is remembered this long (seconds)
+    idempotency_key_ttl: float = 86400.0
+
+    # webhooks: signed with this secret (Standard Webhooks: "whsec_" and base64), retried with
+    # growing pauses for this long, then dead-lettered; internal addresses refused unless allowed
+    webhook_secret: SecretStr = SecretStr("")
+    webhook_retry_for: float = 3600.0
+    webhook_timeout: float = 10.0
+    webhook_allow_private_urls: bool = False
+
     # training: worker processes this host runs (each trains one LoRA at a time)
     training_workers: int = 1
 

@@ -21,13 +21,14 @@ import httpx
 
 from deploy.local.process import ManagedProcess, StackError, free_port, port_open, stop_all, wait_until
 from deploy.local.servers import EmbeddedMongo, EmbeddedS3, amqp_address, ensure_rabbitmq, stop_rabbitmq
+from services.webhooks.domain import new_secret as new_webhook_secret
 from shared.rpc import CheckHealth, RpcClient, health_check
 from shared.settings import Settings
 
 __all__ = ["EmbeddedMongo", "EmbeddedS3", "LocalStack", "StackError", "free_port"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("identity", "checkpoint", "inference", "training")
+SERVICES = ("identity", "checkpoint", "inference", "training", "webhooks")
 DEFAULT_AMQP_URL = Settings.model_fields["amqp_url"].default
 
 
@@ -80,6 +81,7 @@ class LocalStack:
         self.env: dict[str, str] = {}
         self.api_key = ""
         self.admin_password = ""
+        self.webhook_secret = ""
         self.mongo_url = ""
         self.s3_endpoint_url = ""
         self.s3_access_key = ""
@@ -163,10 +165,15 @@ class LocalStack:
         """Generated once into secrets.env; a value set in the environment wins."""
         stored = _read_env_file(self.secrets_file)
 
-        def value(key: str) -> str:
-            return self.base_env.get(key) or stored.get(key) or secrets.token_hex(16)
+        def value(key: str, new=lambda: secrets.token_hex(16)) -> str:
+            return self.base_env.get(key) or stored.get(key) or new()
 
-        values = {"ESD_API_KEY": value("ESD_API_KEY"), "ESD_ADMIN_PASSWORD": value("ESD_ADMIN_PASSWORD")}
+        values = {
+            "ESD_API_KEY": value("ESD_API_KEY"),
+            "ESD_ADMIN_PASSWORD": value("ESD_ADMIN_PASSWORD"),
+            # Standard Webhooks' secret form: a receiver verifies signatures with it
+            "ESD_WEBHOOK_SECRET": value("ESD_WEBHOOK_SECRET", new_webhook_secret),
+        }
         if self.s3_external:
             # an outside S3 comes with its own credentials, or none (the default AWS chain)
             self.s3_access_key = self.base_env.get("ESD_S3_ACCESS_KEY", "")
@@ -178,6 +185,7 @@ class LocalStack:
             self.s3_secret_key = values["ESD_S3_SECRET_KEY"]
         self.api_key = values["ESD_API_KEY"]
         self.admin_password = values["ESD_ADMIN_PASSWORD"]
+        self.webhook_secret = values["ESD_WEBHOOK_SECRET"]
         merged = {**stored, **values}
         if merged != stored:
             self.secrets_file.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +202,7 @@ class LocalStack:
             "ESD_API_KEY": self.api_key,
             "ESD_ADMIN_USERNAME": self.admin_username,
             "ESD_ADMIN_PASSWORD": self.admin_password,
+            "ESD_WEBHOOK_SECRET": self.webhook_secret,
             "ESD_GATEWAY_PORT": str(self.gateway_port),
             "ESD_VAR_DIR": str(self.var_dir),
             "ESD_LOG_FORMAT": "json",

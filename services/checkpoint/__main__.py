@@ -26,10 +26,12 @@ async def setup(runtime: Runtime):
         timeout=settings.checkpoint_download_timeout,
     )
     checkpoints = Checkpoints(store, storage, downloader, runtime.broker, runtime.names)
-    handlers.register(runtime, checkpoints)
+    once = runtime.idempotency(client[settings.database_name(SERVICE)])
+    handlers.register(runtime, checkpoints, once)
 
     async def prepare() -> None:
         await store.ensure_indexes()
+        await once.ensure_indexes()
         await storage.ensure_bucket()
         for queue in (DOWNLOADS, RENAMES):
             await declare_work_queue(runtime.broker, runtime.names, queue)

@@ -3,7 +3,6 @@ are allowed, and which download addresses are safe. Pure functions."""
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from shared.contracts.checkpoint import (
 )
 from shared.contracts.identity import Principal
 from shared.errors import Invalid
+from shared.net import check_http_url
 from shared.permissions import allows
 
 EVERYONE = "*"
@@ -173,19 +173,7 @@ def check_download_name(name: str, checkpoint_type: CheckpointType | None = None
         raise Invalid(f"{name} is not a model file: only {', '.join(allowed_extensions(checkpoint_type))} are accepted")
 
 
-def check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Invalid(f"{url} is not an http(s) URL")
-
-
-def public_address(address: str) -> bool:
-    """Whether an address is on the public internet (not loopback, private, link-local,
-    multicast or reserved): only those may be fetched unless private ones are allowed."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+check_url = check_http_url
 
 
 def provisional_name(url: str, checkpoint_id: str) -> str:

@@ -7,17 +7,16 @@ allows them."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urljoin
 
 import httpx
 
-from services.checkpoint.domain import check_download_name, check_url, file_name_from_url, public_address
+from services.checkpoint.domain import check_download_name, check_url, file_name_from_url
 from shared.contracts.checkpoint import CheckpointType
 from shared.errors import Invalid
+from shared.net import check_public_host
 from shared.storage import ObjectStore
 
 MAX_REDIRECTS = 10
@@ -83,19 +82,9 @@ class Downloader:
         raise Invalid(f"could not download {url}: more than {MAX_REDIRECTS} redirects")
 
     async def _check_host(self, host: str) -> None:
-        if self.allow_private:
-            return
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            raise Invalid(f"could not download from {host}: the name does not resolve") from None
-        for info in infos:
-            address = info[4][0]
-            if not public_address(address):
-                raise Invalid(
-                    f"refused to download from {host}: it resolves to the internal address {address} "
-                    "(set ESD_CHECKPOINT_ALLOW_PRIVATE_URLS=true to allow internal addresses)"
-                )
+        await check_public_host(
+            host, allow_private=self.allow_private, doing="download from", setting="ESD_CHECKPOINT_ALLOW_PRIVATE_URLS"
+        )
 
     async def _upload(self, response: httpx.Response, key: str, total: int | None, progress: Progress) -> int:
         upload_id = await self.storage.start_multipart(key)

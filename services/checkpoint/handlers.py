@@ -7,13 +7,14 @@ from faststream.rabbit import Channel
 
 from services.checkpoint.checkpoints import Checkpoints
 from shared.contracts import checkpoint as contract
+from shared.idempotency import Idempotency
 from shared.service import Runtime
 
 
-def register(runtime: Runtime, checkpoints: Checkpoints) -> None:
+def register(runtime: Runtime, checkpoints: Checkpoints, once: Idempotency) -> None:
     runtime.rpc.register_all(
         {
-            contract.CREATE_CHECKPOINT: checkpoints.create,
+            contract.CREATE_CHECKPOINT: once.wrap(contract.CREATE_CHECKPOINT, checkpoints.create),
             contract.UPDATE_CHECKPOINT: checkpoints.update,
             contract.DELETE_CHECKPOINTS: checkpoints.delete,
             contract.LIST_CHECKPOINTS: checkpoints.list,

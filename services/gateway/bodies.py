@@ -4,11 +4,13 @@ parser also takes the non-standard `Infinity`/`NaN` tokens that AUTOMATIC1111 pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fastapi import Request
+import orjson
+from fastapi import Header, Request
 from pydantic import BaseModel, ValidationError
 
 from services.gateway.envelope import validation_message
@@ -45,3 +47,29 @@ def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template=REF_TEMPLATE)
     BODY_DEFINITIONS.update(schema.pop("$defs", {}))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+class IdempotencyKey(BaseModel):
+    """What a creating command carries of the `Idempotency-Key` header (shared/idempotency.py)."""
+
+    idempotency_key: str | None = None
+    request_fingerprint: str | None = None
+
+
+async def idempotency_key(
+    request: Request,
+    key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="A repeat with the same key and body gets the first reply and creates nothing",
+    ),
+) -> IdempotencyKey:
+    if key is None:
+        return IdempotencyKey()
+    try:
+        canonical = orjson.dumps(json.loads(await request.body() or b"{}"), option=orjson.OPT_SORT_KEYS)
+    except ValueError:
+        canonical = await request.body()
+    return IdempotencyKey(idempotency_key=key, request_fingerprint=hashlib.sha256(canonical).hexdigest())

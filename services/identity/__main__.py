@@ -18,10 +18,12 @@ async def setup(runtime: Runtime):
     store = IdentityStore(client[settings.database_name(SERVICE)], runtime.outbox)
     users = Users(store, settings.admin_username)
     roles = Roles(store, settings.admin_username)
-    handlers.register(runtime, users, roles, store)
+    once = runtime.idempotency(client[settings.database_name(SERVICE)])
+    handlers.register(runtime, users, roles, store, once)
 
     async def prepare() -> None:
         await store.ensure_indexes()
+        await once.ensure_indexes()
         await roles.bootstrap()
         await users.bootstrap(settings.admin_password.get_secret_value())
 

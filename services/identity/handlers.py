@@ -6,18 +6,19 @@ from services.identity.roles import Roles
 from services.identity.store import IdentityStore
 from services.identity.users import Users
 from shared.contracts import identity as contract
+from shared.idempotency import Idempotency
 from shared.messaging import Event
 from shared.service import Runtime
 
 
-def register(runtime: Runtime, users: Users, roles: Roles, store: IdentityStore) -> None:
+def register(runtime: Runtime, users: Users, roles: Roles, store: IdentityStore, once: Idempotency) -> None:
     runtime.rpc.register_all(
         {
             contract.AUTHENTICATE_USER: users.authenticate,
-            contract.CREATE_USER: users.create,
+            contract.CREATE_USER: once.wrap(contract.CREATE_USER, users.create),
             contract.LIST_USERS: users.list,
             contract.DELETE_USERS: users.delete,
-            contract.CREATE_ROLE: roles.create,
+            contract.CREATE_ROLE: once.wrap(contract.CREATE_ROLE, roles.create),
             contract.LIST_ROLES: roles.list,
             contract.DELETE_ROLES: roles.delete,
         }

@@ -30,7 +30,15 @@ async def setup(runtime: Runtime):
     runtime.stack.push_async_callback(depths.close)
     # a worker is alive while its heartbeats keep coming; three missed ones and it is gone
     live_within = 3 * settings.worker_heartbeat_seconds
-    jobs = Jobs(store, storage, broker, names, depths, live_within=live_within)
+    jobs = Jobs(
+        store,
+        storage,
+        broker,
+        names,
+        depths,
+        live_within=live_within,
+        allow_private_webhooks=settings.webhook_allow_private_urls,
+    )
     endpoints = Endpoints(store, pools, broker, names, live_within=live_within, fail_job=jobs.fail)
     catalog = Catalog(store)
     autoscaler = Autoscaler(
@@ -42,10 +50,12 @@ async def setup(runtime: Runtime):
         start_timeout=settings.endpoint_start_timeout,
         scale_down_after=settings.pool_scale_down_after,
     )
-    handlers.register(runtime, endpoints, jobs, catalog)
+    once = runtime.idempotency(client[settings.database_name(SERVICE)])
+    handlers.register(runtime, endpoints, jobs, catalog, once)
 
     async def prepare() -> None:
         await store.ensure_indexes()
+        await once.ensure_indexes()
         await storage.ensure_bucket()
         await broker.declare_queue(names.heartbeat_queue(HEARTBEATS))
         for endpoint in await store.all_endpoints():

@@ -12,6 +12,7 @@ from services.inference.jobs import Jobs
 from shared.contracts import checkpoint as checkpoints
 from shared.contracts import inference as contract
 from shared.contracts.workers import WorkerHeartbeat
+from shared.idempotency import Idempotency
 from shared.service import Runtime
 
 # checkpoint events -> whether the checkpoint is usable afterwards
@@ -23,13 +24,13 @@ _CATALOG_EVENTS = {
 }
 
 
-def register(runtime: Runtime, endpoints: Endpoints, jobs: Jobs, catalog: Catalog) -> None:
+def register(runtime: Runtime, endpoints: Endpoints, jobs: Jobs, catalog: Catalog, once: Idempotency) -> None:
     runtime.rpc.register_all(
         {
-            contract.CREATE_ENDPOINT: endpoints.create,
+            contract.CREATE_ENDPOINT: once.wrap(contract.CREATE_ENDPOINT, endpoints.create),
             contract.LIST_ENDPOINTS: endpoints.list,
             contract.DELETE_ENDPOINTS: endpoints.delete,
-            contract.CREATE_INFERENCE: jobs.create,
+            contract.CREATE_INFERENCE: once.wrap(contract.CREATE_INFERENCE, jobs.create),
             contract.START_INFERENCE: jobs.start,
             contract.GET_INFERENCE: jobs.get,
             contract.LIST_INFERENCES: jobs.list,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import structlog
 from faststream.rabbit import RabbitBroker
@@ -23,6 +24,7 @@ from shared.contracts.inference import (
     DeleteInferences,
     GetInference,
     InferenceCanceled,
+    InferenceCreated,
     InferenceFailed,
     InferencePage,
     InferenceParams,
@@ -48,6 +50,7 @@ from shared.contracts.workers import GoAhead, WorkerState
 from shared.errors import Invalid, NotFound
 from shared.esd import decode_position, encode_position, esd_time
 from shared.messaging import Names, QueueDepths, send_work
+from shared.net import check_public_host
 from shared.permissions import allows
 from shared.storage import ObjectStore
 
@@ -68,6 +71,7 @@ class Jobs:
         depths: QueueDepths,
         *,
         live_within: float,
+        allow_private_webhooks: bool = False,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -75,10 +79,18 @@ class Jobs:
         self.names = names
         self.depths = depths
         self.live_within = live_within
+        self.allow_private_webhooks = allow_private_webhooks
         self.progress_written: dict[str, float] = {}  # job -> when its progress was last stored
 
     async def create(self, command: CreateInference) -> CreatedInference:
         domain.check_task_type(command.task_type)
+        if command.webhook is not None:
+            await check_public_host(
+                urlsplit(command.webhook).hostname or "",
+                allow_private=self.allow_private_webhooks,
+                doing="send webhooks to",
+                setting="ESD_WEBHOOK_ALLOW_PRIVATE_URLS",
+            )
         if command.payload_string is not None:  # before an endpoint is chosen, as ESD checks it
             try:
                 json.loads(command.payload_string)
@@ -114,7 +126,19 @@ class Jobs:
         )
         if command.payload_string is not None:
             await self.storage.put(job.payload_key, command.payload_string.encode(), "application/json")
-        await self.store.add_job(job)
+        await self.store.add_job(
+            job,
+            [
+                InferenceCreated(
+                    inference_id=inference_id,
+                    task_type=job.task_type,
+                    endpoint_name=endpoint.name,
+                    owner=job.owner,
+                    webhook=command.webhook,
+                    webhook_events_filter=command.webhook_events_filter,
+                )
+            ],
+        )
         log.info("inference.created", inference_id=inference_id, endpoint=endpoint.name, actor=command.actor.username)
         return CreatedInference(
             id=inference_id,

@@ -16,7 +16,7 @@ from services.inference.domain import CatalogEntry, Endpoint, InferenceJob, Work
 from shared.contracts.workers import WorkerState
 from shared.errors import Invalid
 from shared.messaging import Event
-from shared.outbox import LIVE, Outbox, entries, tombstone
+from shared.outbox import LIVE, Outbox, embedded, entries, tombstone
 
 _LIVE = [WorkerState.READY.value, WorkerState.BUSY.value]
 
@@ -87,8 +87,10 @@ class InferenceStore:
 
     # --- jobs ---
 
-    async def add_job(self, job: InferenceJob) -> None:
-        await self.jobs.insert_one(_doc(job))
+    async def add_job(self, job: InferenceJob, events: Sequence[Event] = ()) -> None:
+        await self.jobs.insert_one({**_doc(job), **(embedded(*events) if events else {})})
+        if events:
+            await self.outbox.send(self.jobs, {"id": job.id})
 
     async def job(self, inference_id: str) -> InferenceJob | None:
         doc = await self.jobs.find_one({"id": inference_id})

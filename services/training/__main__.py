@@ -32,11 +32,15 @@ async def setup(runtime: Runtime):
     pool = LocalPool(settings.var_dir.resolve() / "log", module="services.training.worker", stop_timeout=30)
     runtime.stack.push_async_callback(pool.close)  # workers go when the service goes
     datasets = Datasets(store, storage)
-    trainings = Trainings(store, storage, broker, names, runtime.client())
-    handlers.register(runtime, datasets, trainings)
+    trainings = Trainings(
+        store, storage, broker, names, runtime.client(), allow_private_webhooks=settings.webhook_allow_private_urls
+    )
+    once = runtime.idempotency(client[settings.database_name(SERVICE)])
+    handlers.register(runtime, datasets, trainings, once)
 
     async def prepare() -> None:
         await store.ensure_indexes()
+        await once.ensure_indexes()
         await storage.ensure_bucket()
         await declare_work_queue(broker, names, JOBS)
         await broker.declare_queue(names.heartbeat_queue(HEARTBEATS))

@@ -7,18 +7,19 @@ from __future__ import annotations
 from services.training.datasets import Datasets
 from services.training.trainings import Trainings
 from shared.contracts import training as contract
+from shared.idempotency import Idempotency
 from shared.service import Runtime
 
 
-def register(runtime: Runtime, datasets: Datasets, trainings: Trainings) -> None:
+def register(runtime: Runtime, datasets: Datasets, trainings: Trainings, once: Idempotency) -> None:
     runtime.rpc.register_all(
         {
-            contract.CREATE_DATASET: datasets.create,
+            contract.CREATE_DATASET: once.wrap(contract.CREATE_DATASET, datasets.create),
             contract.UPDATE_DATASET: datasets.update,
             contract.LIST_DATASETS: datasets.list,
             contract.GET_DATASET: datasets.get,
             contract.DELETE_DATASETS: datasets.delete,
-            contract.CREATE_TRAINING: trainings.create,
+            contract.CREATE_TRAINING: once.wrap(contract.CREATE_TRAINING, trainings.create),
             contract.GET_TRAINING: trainings.get,
             contract.LIST_TRAININGS: trainings.list,
             contract.DELETE_TRAININGS: trainings.delete,

@@ -13,7 +13,7 @@ from pymongo.errors import DuplicateKeyError
 from services.training.domain import Dataset, TrainingJob
 from shared.errors import Invalid
 from shared.messaging import Event
-from shared.outbox import Outbox, entries
+from shared.outbox import Outbox, embedded, entries
 
 
 class TrainingStore:
@@ -54,8 +54,10 @@ class TrainingStore:
 
     # --- trainings ---
 
-    async def add_training(self, training: TrainingJob) -> None:
-        await self.trainings.insert_one(training.model_dump(mode="json"))
+    async def add_training(self, training: TrainingJob, events: Sequence[Event] = ()) -> None:
+        await self.trainings.insert_one({**training.model_dump(mode="json"), **(embedded(*events) if events else {})})
+        if events:
+            await self.outbox.send(self.trainings, {"id": training.id})
 
     async def training(self, training_id: str) -> TrainingJob | None:
         doc = await self.trainings.find_one({"id": training_id})

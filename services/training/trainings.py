@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import structlog
 from faststream.rabbit import RabbitBroker
@@ -31,9 +32,11 @@ from shared.contracts.training import (
     RunTraining,
     StopTraining,
     TrainingCompleted,
+    TrainingCreated,
     TrainingFailed,
     TrainingPage,
     TrainingProgress,
+    TrainingStarted,
     TrainingStatus,
     TrainingStopped,
     TrainingStopRequested,
@@ -43,6 +46,7 @@ from shared.contracts.workers import GoAhead
 from shared.errors import Invalid, NotFound
 from shared.esd import decode_position, encode_position, esd_time
 from shared.messaging import Names, send_work
+from shared.net import check_public_host
 from shared.rpc import RpcClient
 from shared.storage import ObjectStore
 
@@ -60,15 +64,25 @@ class Trainings:
         broker: RabbitBroker,
         names: Names,
         rpc: RpcClient,
+        *,
+        allow_private_webhooks: bool = False,
     ) -> None:
         self.store = store
         self.storage = storage
         self.broker = broker
         self.names = names
         self.rpc = rpc
+        self.allow_private_webhooks = allow_private_webhooks
 
     async def create(self, command: CreateTraining) -> CreatedTraining:
         params = command.params.training_params
+        if command.webhook is not None:
+            await check_public_host(
+                urlsplit(command.webhook).hostname or "",
+                allow_private=self.allow_private_webhooks,
+                doing="send webhooks to",
+                setting="ESD_WEBHOOK_ALLOW_PRIVATE_URLS",
+            )
         await self._check_output_name(command)
         model_key, model_name = await self._base_model(command.actor, params.model, params.s3_model_path)
         data_prefix = await self._data(params.dataset, params.s3_data_path)
@@ -86,7 +100,17 @@ class Trainings:
             fm_type=params.fm_type,
             created=time.time(),
         )
-        await self.store.add_training(training)
+        await self.store.add_training(
+            training,
+            [
+                TrainingCreated(
+                    training_id=training_id,
+                    owner=training.owner,
+                    webhook=command.webhook,
+                    webhook_events_filter=command.webhook_events_filter,
+                )
+            ],
+        )
         await send_work(
             self.broker,
             self.names,
@@ -213,7 +237,11 @@ class Trainings:
             await self._fail(training, f"gave up after {MAX_ATTEMPTS} attempts: workers stopped while training")
             return GoAhead(run=False, reason="too many attempts")
         await self.store.update_training(
-            report.training_id, status=TrainingStatus.TRAINING, worker_id=report.worker_id, started=time.time()
+            report.training_id,
+            [TrainingStarted(training_id=training.id, worker_id=report.worker_id, owner=training.owner)],
+            status=TrainingStatus.TRAINING,
+            worker_id=report.worker_id,
+            started=time.time(),
         )
         return GoAhead(run=True)
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
-from shared.contracts.identity import Body, Principal
+from shared.contracts.identity import Body, Idempotent, Principal
 from shared.messaging import Event
 from shared.rpc import command
 
@@ -155,7 +155,7 @@ class DeleteCheckpointsBody(Body):
 # --- commands (RPC) ------------------------------------------------------------------------
 
 
-class CreateCheckpoint(CreateCheckpointBody):
+class CreateCheckpoint(CreateCheckpointBody, Idempotent):
     actor: Principal
 
 

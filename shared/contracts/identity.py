@@ -3,7 +3,7 @@ sends (the body plus the acting user), replies, and events."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -25,6 +25,18 @@ class Body(BaseModel):
     """An HTTP body: unknown extra keys are ignored, as ESD clients send some (`creator`...)."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+WebhookEvent = Literal["start", "progress", "completed"]
+WebhookUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^https?://[^/?#\s]+")]
+
+
+class Idempotent(BaseModel):
+    """A creating command: a repeat with the same `Idempotency-Key` and body gets the first
+    reply (shared/idempotency.py)."""
+
+    idempotency_key: str | None = None
+    request_fingerprint: str | None = None  # of the HTTP body, from the gateway
 
 
 class Principal(BaseModel):
@@ -70,7 +82,7 @@ class AuthenticateUser(BaseModel):
     username: str
 
 
-class CreateUser(CreateUserBody):
+class CreateUser(CreateUserBody, Idempotent):
     actor: Principal | None = None  # None only for `initial`, which needs no permission
 
 
@@ -83,7 +95,7 @@ class DeleteUsers(DeleteUsersBody):
     actor: Principal
 
 
-class CreateRole(CreateRoleBody):
+class CreateRole(CreateRoleBody, Idempotent):
     actor: Principal | None = None
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, model_validator
 
 from shared.contracts.checkpoint import CheckpointType
-from shared.contracts.identity import Body, Principal
+from shared.contracts.identity import Body, Idempotent, Principal, WebhookEvent, WebhookUrl
 from shared.contracts.workers import GoAhead
 from shared.messaging import Event
 from shared.rpc import command
@@ -114,11 +114,16 @@ class DeleteEndpointsBody(Body):
 
 
 class CreateInferenceBody(Body):
+    """ESD's body, plus Replicate cog's `webhook` and `webhook_events_filter` (the job's
+    `start`, `progress` and `completed` events, signed, POSTed to the URL)."""
+
     task_type: str = Field(json_schema_extra={"enum": list(TASK_TYPES)})  # checked with ESD's message
     inference_type: EndpointType
     models: dict[str, list[str]] = Field(default_factory=dict)
     sagemaker_endpoint_name: str | None = None
     payload_string: str | None = None
+    webhook: WebhookUrl | None = None
+    webhook_events_filter: list[WebhookEvent] | None = None
 
 
 class DeleteInferencesBody(Body):
@@ -130,7 +135,7 @@ class DeleteInferencesBody(Body):
 # --- commands (RPC) ------------------------------------------------------------------------
 
 
-class CreateEndpoint(CreateEndpointBody):
+class CreateEndpoint(CreateEndpointBody, Idempotent):
     actor: Principal
 
 
@@ -145,7 +150,7 @@ class DeleteEndpoints(DeleteEndpointsBody):
     actor: Principal
 
 
-class CreateInference(CreateInferenceBody):
+class CreateInference(CreateInferenceBody, Idempotent):
     actor: Principal
 
 
@@ -328,6 +333,16 @@ class ReportInferenceFailed(BaseModel):
 
 
 # --- events --------------------------------------------------------------------------------
+
+
+class InferenceCreated(Event):
+    routing_key = "inference.created"
+    inference_id: str
+    task_type: str
+    endpoint_name: str
+    owner: str
+    webhook: str | None = None
+    webhook_events_filter: list[WebhookEvent] | None = None
 
 
 class InferenceStarted(Event):

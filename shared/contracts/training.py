@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from pydantic_core import PydanticCustomError
 
 from shared.contracts.checkpoint import PLAIN_NAME_PATTERN, FileName, safe_file_name
-from shared.contracts.identity import Body, Principal
+from shared.contracts.identity import Body, Idempotent, Principal, WebhookEvent, WebhookUrl
 from shared.contracts.kohya import InvalidTrainingConfig, TrainingConfig
 from shared.contracts.workers import GoAhead
 from shared.messaging import Event
@@ -120,8 +120,12 @@ class TrainingJobParams(Body):
 
 
 class CreateTrainingBody(Body):
+    """ESD's body, plus cog's `webhook` and `webhook_events_filter` (see CreateInferenceBody)."""
+
     lora_train_type: Annotated[str, StringConstraints(pattern=r"^kohya$")] = "kohya"
     params: TrainingJobParams
+    webhook: WebhookUrl | None = None
+    webhook_events_filter: list[WebhookEvent] | None = None
 
 
 class DeleteTrainingsBody(Body):
@@ -133,7 +137,7 @@ class DeleteTrainingsBody(Body):
 # --- commands (RPC) ------------------------------------------------------------------------
 
 
-class CreateDataset(CreateDatasetBody):
+class CreateDataset(CreateDatasetBody, Idempotent):
     actor: Principal
 
 
@@ -155,7 +159,7 @@ class DeleteDatasets(DeleteDatasetsBody):
     actor: Principal
 
 
-class CreateTraining(CreateTrainingBody):
+class CreateTraining(CreateTrainingBody, Idempotent):
     actor: Principal
 
 
@@ -316,6 +320,21 @@ class ReportTrainingStopped(BaseModel):
 
 
 # --- events --------------------------------------------------------------------------------
+
+
+class TrainingCreated(Event):
+    routing_key = "training.created"
+    training_id: str
+    owner: str
+    webhook: str | None = None
+    webhook_events_filter: list[WebhookEvent] | None = None
+
+
+class TrainingStarted(Event):
+    routing_key = "training.started"
+    training_id: str
+    worker_id: str
+    owner: str
 
 
 class TrainingProgress(Event):

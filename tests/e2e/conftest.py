@@ -23,6 +23,9 @@ def make_stack(var_dir) -> LocalStack:
             "ESD_BROKER_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}.",
             # the tests serve model files from a local HTTP server
             "ESD_CHECKPOINT_ALLOW_PRIVATE_URLS": "true",
+            "ESD_WEBHOOK_ALLOW_PRIVATE_URLS": "true",
+            # a failing webhook is given up (dead-lettered) after a few seconds of retries
+            "ESD_WEBHOOK_RETRY_FOR": "4",
             # idle autoscaled pools give their workers back quickly, so tests see scale to zero
             "ESD_POOL_SCALE_DOWN_AFTER": "3",
         },

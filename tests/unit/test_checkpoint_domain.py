@@ -4,6 +4,7 @@ from services.checkpoint import domain
 from services.checkpoint.domain import Checkpoint
 from shared.contracts.checkpoint import CheckpointStatus, CheckpointType, CreateCheckpointBody, safe_file_name
 from shared.errors import Invalid
+from shared.net import public_address
 
 
 def checkpoint(status=CheckpointStatus.ACTIVE, names=("model.safetensors",), roles=("Designer",)) -> Checkpoint:
@@ -96,7 +97,7 @@ def test_only_http_urls_are_fetched(url):
     ],
 )
 def test_internal_addresses_are_not_public(address, public):
-    assert domain.public_address(address) is public
+    assert public_address(address) is public
 
 
 def test_activation_needs_tags_for_every_file():

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from services.gateway.bodies import body_doc, json_body
+from services.gateway.bodies import IdempotencyKey, body_doc, idempotency_key, json_body
 from services.gateway.envelope import Optional, answers, respond
 from services.gateway.security import named_user, require, rpc
 from shared.contracts.checkpoint import (
@@ -95,14 +95,17 @@ async def get_checkpoint(
     "/checkpoints",
     status_code=201,
     openapi_extra=body_doc(CreateCheckpointBody),
-    responses=answers({201: UploadStarted, 202: DownloadsStarted}, 400, 401, 413),
+    responses=answers({201: UploadStarted, 202: DownloadsStarted}, 400, 401, 413, 409, 422),
 )
 async def create_checkpoint(
     request: Request,
     body: CreateCheckpointBody = Depends(json_body(CreateCheckpointBody)),
+    idempotency: IdempotencyKey = Depends(idempotency_key),
     principal: Principal = Depends(require("checkpoint:all", "checkpoint:create")),
 ) -> Response:
-    created = await rpc(request).call(CREATE_CHECKPOINT, CreateCheckpoint(**body.model_dump(), actor=principal))
+    created = await rpc(request).call(
+        CREATE_CHECKPOINT, CreateCheckpoint(**body.model_dump(), actor=principal, **idempotency.model_dump())
+    )
     if body.urls is not None:
         return respond(
             202,

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
-from services.gateway.bodies import body_doc, json_body
+from services.gateway.bodies import IdempotencyKey, body_doc, idempotency_key, json_body
 from services.gateway.envelope import answers, respond
 from services.gateway.security import named_user, require, rpc
 from shared.contracts.identity import Principal
@@ -42,14 +42,17 @@ async def list_endpoints(
     "/endpoints",
     status_code=202,
     openapi_extra=body_doc(CreateEndpointBody),
-    responses=answers({202: EndpointView}, 400, 401, 413),
+    responses=answers({202: EndpointView}, 400, 401, 413, 409, 422),
 )
 async def create_endpoint(
     request: Request,
     body: CreateEndpointBody = Depends(json_body(CreateEndpointBody)),
+    idempotency: IdempotencyKey = Depends(idempotency_key),
     principal: Principal = Depends(require("sagemaker_endpoint:all", "sagemaker_endpoint:create")),
 ) -> Response:
-    endpoint = await rpc(request).call(CREATE_ENDPOINT, CreateEndpoint(**body.model_dump(), actor=principal))
+    endpoint = await rpc(request).call(
+        CREATE_ENDPOINT, CreateEndpoint(**body.model_dump(), actor=principal, **idempotency.model_dump())
+    )
     return respond(202, endpoint, message=f"Endpoint deployment started: {endpoint.endpoint_name}")
 
 

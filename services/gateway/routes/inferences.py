@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 
-from services.gateway.bodies import body_doc, json_body
+from services.gateway.bodies import IdempotencyKey, body_doc, idempotency_key, json_body
 from services.gateway.envelope import answers, respond
 from services.gateway.routes.events import SSE
 from services.gateway.security import require, rpc
@@ -75,14 +75,17 @@ async def _start(request: Request, principal: Principal, inference_id: str) -> R
     "/inferences",
     status_code=201,
     openapi_extra=body_doc(CreateInferenceBody),
-    responses=answers({201: NewInference, 200: InferenceView, 202: RunningInference}, 400, 401, 413, 504),
+    responses=answers({201: NewInference, 200: InferenceView, 202: RunningInference}, 400, 401, 413, 504, 409, 422),
 )
 async def create_inference(
     request: Request,
     body: CreateInferenceBody = Depends(json_body(CreateInferenceBody)),
+    idempotency: IdempotencyKey = Depends(idempotency_key),
     principal: Principal = Depends(require(*CAN_RUN)),
 ) -> Response:
-    created = await rpc(request).call(CREATE_INFERENCE, CreateInference(**body.model_dump(), actor=principal))
+    created = await rpc(request).call(
+        CREATE_INFERENCE, CreateInference(**body.model_dump(), actor=principal, **idempotency.model_dump())
+    )
     if body.payload_string is not None:  # the "one API": create and start at once
         return await _start(request, principal, created.id)
     return respond(201, NewInference(inference=created))

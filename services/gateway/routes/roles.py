@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from services.gateway.bodies import body_doc, json_body
+from services.gateway.bodies import IdempotencyKey, body_doc, idempotency_key, json_body
 from services.gateway.envelope import answers, respond
 from services.gateway.security import check_permissions, current_principal, optional_principal, require, rpc
 from shared.contracts.identity import (
@@ -33,15 +33,24 @@ async def list_roles(
 
 
 @router.post(
-    "/roles", status_code=201, openapi_extra=body_doc(CreateRoleBody), responses=answers({201: RoleView}, 400, 401, 413)
+    "/roles",
+    status_code=201,
+    openapi_extra=body_doc(CreateRoleBody),
+    responses=answers({201: RoleView}, 400, 401, 413, 409, 422),
 )
-async def create_role(request: Request, body: CreateRoleBody = Depends(json_body(CreateRoleBody))) -> Response:
+async def create_role(
+    request: Request,
+    body: CreateRoleBody = Depends(json_body(CreateRoleBody)),
+    idempotency: IdempotencyKey = Depends(idempotency_key),
+) -> Response:
     if body.initial:
         actor = await optional_principal(request)
     else:
         actor = await current_principal(request)
         check_permissions(actor, ["role:all", "role:create"])
-    role = await rpc(request).call(CREATE_ROLE, CreateRole(**body.model_dump(), actor=actor))
+    role = await rpc(request).call(
+        CREATE_ROLE, CreateRole(**body.model_dump(), actor=actor, **idempotency.model_dump())
+    )
     return respond(201, role, message="role created")
 
 

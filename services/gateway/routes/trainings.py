@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
-from services.gateway.bodies import body_doc, json_body
+from services.gateway.bodies import IdempotencyKey, body_doc, idempotency_key, json_body
 from services.gateway.envelope import answers, respond
 from services.gateway.security import require, rpc
 from shared.contracts.identity import Principal
@@ -51,14 +51,17 @@ TRAIN = require("train:all")
     "/trainings",
     status_code=201,
     openapi_extra=body_doc(CreateTrainingBody),
-    responses=answers({201: CreatedTraining}, 400, 401, 413),
+    responses=answers({201: CreatedTraining}, 400, 401, 413, 409, 422),
 )
 async def create_training(
     request: Request,
     body: CreateTrainingBody = Depends(json_body(CreateTrainingBody)),
+    idempotency: IdempotencyKey = Depends(idempotency_key),
     principal: Principal = Depends(TRAIN),
 ) -> Response:
-    created = await rpc(request).call(CREATE_TRAINING, CreateTraining(**body.model_dump(), actor=principal))
+    created = await rpc(request).call(
+        CREATE_TRAINING, CreateTraining(**body.model_dump(), actor=principal, **idempotency.model_dump())
+    )
     return respond(201, created)
 
 
@@ -105,14 +108,20 @@ async def delete_trainings(
     "/datasets",
     status_code=201,
     openapi_extra=body_doc(CreateDatasetBody),
-    responses=answers({201: CreatedDataset}, 400, 401, 413),
+    responses=answers({201: CreatedDataset}, 400, 401, 413, 409, 422),
 )
 async def create_dataset(
     request: Request,
     body: CreateDatasetBody = Depends(json_body(CreateDatasetBody)),
+    idempotency: IdempotencyKey = Depends(idempotency_key),
     principal: Principal = Depends(TRAIN),
 ) -> Response:
-    return respond(201, await rpc(request).call(CREATE_DATASET, CreateDataset(**body.model_dump(), actor=principal)))
+    return respond(
+        201,
+        await rpc(request).call(
+            CREATE_DATASET, CreateDataset(**body.model_dump(), actor=principal, **idempotency.model_dump())
+        ),
+    )
 
 
 @router.put(

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from services.gateway.bodies import body_doc, json_body
+from services.gateway.bodies import IdempotencyKey, body_doc, idempotency_key, json_body
 from services.gateway.envelope import answers, respond
 from services.gateway.security import check_permissions, current_principal, optional_principal, require, rpc
 from shared.contracts.identity import (
@@ -34,16 +34,23 @@ async def list_users(
 
 
 @router.post(
-    "/users", status_code=201, openapi_extra=body_doc(CreateUserBody), responses=answers({201: None}, 400, 401, 413)
+    "/users",
+    status_code=201,
+    openapi_extra=body_doc(CreateUserBody),
+    responses=answers({201: None}, 400, 401, 413, 409, 422),
 )
-async def create_user(request: Request, body: CreateUserBody = Depends(json_body(CreateUserBody))) -> Response:
+async def create_user(
+    request: Request,
+    body: CreateUserBody = Depends(json_body(CreateUserBody)),
+    idempotency: IdempotencyKey = Depends(idempotency_key),
+) -> Response:
     if body.initial:
         # a client's first-run bootstrap: the key suffices
         actor = await optional_principal(request)
     else:
         actor = await current_principal(request)
         check_permissions(actor, ["user:all", "user:create"])
-    await rpc(request).call(CREATE_USER, CreateUser(**body.model_dump(), actor=actor))
+    await rpc(request).call(CREATE_USER, CreateUser(**body.model_dump(), actor=actor, **idempotency.model_dump()))
     return respond(201)
 
 
