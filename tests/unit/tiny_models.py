@@ -79,3 +79,17 @@ def vae(model_dir, checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def embedding(model_dir, checkpoint) -> Path:
     return testing.make_tiny_embedding(checkpoint, model_dir / "mystyle.safetensors", seed=4)
+
+
+@pytest.fixture(scope="session")
+def controlnet(model_dir, checkpoint) -> Path:
+    """A tiny ControlNet for the tiny SD 1.5 model, in the original (A1111 extension) layout."""
+    return testing.make_tiny_controlnet(checkpoint, model_dir / "control_tiny_canny.safetensors", seed=5)
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet(model_dir, sdxl_checkpoint) -> Path:
+    """A tiny SDXL ControlNet in diffusers' layout, as SDXL ControlNets are mostly published."""
+    return testing.make_tiny_controlnet(
+        sdxl_checkpoint, model_dir / "control_tiny_sdxl.safetensors", seed=6, diffusers_layout=True
+    )

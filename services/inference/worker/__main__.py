@@ -164,13 +164,18 @@ class InferenceWorker:
         from services.inference.worker.engine import ModelFiles
 
         checkpoint, vae = None, None
+        checkpoints: dict[str, Path] = {}
         loras: dict[str, Path] = {}
         embeddings: dict[str, Path] = {}
+        controlnets: dict[str, Path] = {}
         for model in models:
             path = await self.runtime.model(model.key, f"model {model.name}")
             stem = Path(model.name).stem
-            if model.type == "Stable-diffusion" and checkpoint is None:
-                checkpoint = path
+            if model.type == "Stable-diffusion":
+                checkpoints[model.name] = path  # `override_settings.sd_model_checkpoint` picks among them
+                checkpoint = checkpoint or path
+            elif model.type == "ControlNet":
+                controlnets[stem] = controlnets[model.name] = path
             elif model.type == "VAE":
                 vae = path
             elif model.type == "Lora":
@@ -179,7 +184,14 @@ class InferenceWorker:
                 embeddings[stem] = path
         if checkpoint is None:
             raise Invalid("the job names no Stable-diffusion checkpoint")
-        return ModelFiles(checkpoint=checkpoint, vae=vae, loras=loras, embeddings=embeddings)
+        return ModelFiles(
+            checkpoint=checkpoint,
+            vae=vae,
+            loras=loras,
+            embeddings=embeddings,
+            checkpoints=checkpoints,
+            controlnets=controlnets,
+        )
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
     checkpoint,
+    controlnet,
     model_dir,
     no_network,
     sdxl_checkpoint,
+    sdxl_controlnet,
     vae,
 )

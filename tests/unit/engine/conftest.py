@@ -2,12 +2,14 @@
 
 from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
     checkpoint,
+    controlnet,
     embedding,
     lora,
     model_dir,
     no_network,
     other_checkpoint,
     sdxl_checkpoint,
+    sdxl_controlnet,
     sdxl_lora,
     vae,
 )

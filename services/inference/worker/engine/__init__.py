@@ -6,8 +6,12 @@ package), with no Hugging Face hub access.
     request = GenerationRequest.from_payload("txt2img", payload)
     result = engine.generate(request, ModelFiles(checkpoint=path), progress=report)
 
-A user's mistake (a bad payload, an unknown sampler, a checkpoint, LoRA or embedding that does
-not fit) raises a `shared.errors.Invalid` whose message is meant for the user; anything else is
+Besides the basics it honours what A1111 API users send: prompt weights and BREAK
+(`prompts`), the hires fix (`hires`), ControlNet units in `alwayson_scripts` (`controlnet`)
+and `override_settings` (checkpoint, VAE, clip skip, ENSD).
+
+A user's mistake (a bad payload, an unknown sampler or upscaler, a checkpoint, LoRA,
+embedding or ControlNet that does not fit) raises a `shared.errors.Invalid` whose message is meant for the user; anything else is
 a bug or a broken installation.
 """
 
@@ -20,6 +24,7 @@ from services.inference.worker.engine.engine import (
     IncompatibleModel,
     ModelFiles,
 )
+from services.inference.worker.engine.hires import UnknownUpscaler, register_upscaler
 from services.inference.worker.engine.request import GenerationRequest, InvalidPayload
 from services.inference.worker.engine.samplers import UnknownSampler
 
@@ -33,5 +38,7 @@ __all__ = [
     "ModelFiles",
     "TokenizerUnavailable",
     "UnknownSampler",
+    "UnknownUpscaler",
     "UnsupportedCheckpoint",
+    "register_upscaler",
 ]
