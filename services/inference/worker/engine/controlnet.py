@@ -233,6 +233,8 @@ def parse_units(alwayson_scripts: dict[str, Any]) -> list[ControlNetUnit]:
             continue
         if not isinstance(raw, dict):
             raise InvalidPayload(f"{where}.args[{index}]: a ControlNet unit must be an object")
+        if raw.get("enabled", True) is False:
+            continue  # clients send their disabled units too, with whatever settings they hold
         try:
             unit = ControlNetUnit.model_validate(raw)
         except ValidationError as error:
@@ -243,8 +245,7 @@ def parse_units(alwayson_scripts: dict[str, Any]) -> list[ControlNetUnit]:
                 for item in error.errors()
             )
             raise InvalidPayload(f"{where}.args[{index}]: {details}") from None
-        if unit.enabled:
-            units.append(unit)
+        units.append(unit)
     return units
 
 
