@@ -11,8 +11,8 @@ Besides the basics it honours what A1111 API users send: prompt weights and BREA
 and `override_settings` (checkpoint, VAE, clip skip, ENSD).
 
 A user's mistake (a bad payload, an unknown sampler or upscaler, a checkpoint, LoRA,
-embedding or ControlNet that does not fit) raises a `shared.errors.Invalid` whose message is meant for the user; anything else is
-a bug or a broken installation.
+embedding or ControlNet that does not fit) raises a `shared.errors.Invalid` whose message is
+meant for the user; anything else is a bug or a broken installation.
 """
 
 from diffusion.checkpoints import UnsupportedCheckpoint
