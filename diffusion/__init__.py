@@ -2,6 +2,8 @@
 
 - `checkpoints`: reading a user's single-file checkpoint safely and recognising its architecture;
 - `components`: its UNet, VAE, text encoders, tokenizers and noise schedule, without a pipeline;
+- `controlnets`: single-file ControlNets (original or diffusers layout), checked against the
+  checkpoint's family;
 - `layout`: the original (LDM/SGM) key layout of single-file checkpoints;
 - `tokenizers`: the CLIP tokenizers, built offline; `configs`: the diffusers configs shipped;
 - `device`: the device a worker runs on;

@@ -220,3 +220,38 @@ def sdxl_checkpoint(
     for key, tensor in open_clip_to_ldm(text_encoder_2).items():
         checkpoint[SDXL_TEXT_ENCODER_2_PREFIX + key] = tensor.contiguous()
     return checkpoint
+
+
+# ControlNet's own parts in the original (lllyasviel / AUTOMATIC1111 extension) layout: the hint
+# encoder is one Sequential whose convolutions sit at the even indices, each zero convolution is
+# a one-layer Sequential.
+_CONTROLNET_TOP = {
+    "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+    "controlnet_mid_block": "middle_block_out.0",
+}
+CONTROLNET_PREFIX = "control_model."  # ControlNet 1.0 files keep everything under it
+
+
+def controlnet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """ControlNetModel weights -> the original ControlNet keys (without `control_model.`): the
+    UNet encoder half under the UNet's names (`input_blocks.N`, `middle_block`, `time_embed`),
+    the hint encoder as `input_hint_block.{0,2,..}` and the zero convolutions as
+    `zero_convs.N.0` and `middle_block_out.0`."""
+    hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    return {controlnet_key(key, config, hint_blocks): tensor for key, tensor in state_dict.items()}
+
+
+def controlnet_key(key: str, config: Mapping, hint_blocks: int | None = None) -> str:
+    """The original name of one ControlNetModel weight."""
+    if hint_blocks is None:
+        hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    for diffusers_name, ldm_name in _CONTROLNET_TOP.items():
+        if key.startswith(diffusers_name + "."):
+            return ldm_name + key[len(diffusers_name) :]
+    if key.startswith("controlnet_cond_embedding.conv_out."):
+        return f"input_hint_block.{2 * (hint_blocks + 1)}" + key[len("controlnet_cond_embedding.conv_out") :]
+    if match := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", key):
+        return f"input_hint_block.{2 * (int(match[1]) + 1)}.{match[2]}"
+    if match := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.+)", key):
+        return f"zero_convs.{match[1]}.0.{match[2]}"
+    return _unet_key(key, config["layers_per_block"] + 1, set())

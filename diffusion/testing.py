@@ -23,13 +23,14 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusion import layout
 from diffusion.checkpoints import TINY_METADATA_KEY, TINY_SDXL_METADATA_KEY, tiny_metadata
 from diffusion.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
+from diffusion.controlnets import TINY_CONTROLNET_METADATA_KEY, controlnet_config_for
 
 CONTEXT_LENGTH = 77
 
@@ -181,7 +182,17 @@ def _random_models(configs: dict[str, dict], seed: int):
     unet = UNet2DConditionModel.from_config(configs["unet"])
     vae = AutoencoderKL.from_config(configs["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    _trained_looking_norm(text_encoder)
     return unet, vae, text_encoder
+
+
+def _trained_looking_norm(text_encoder: torch.nn.Module) -> None:
+    """A freshly made final layer norm (weight 1, bias 0) gives every token a hidden state of
+    mean 0; a trained CLIP's does not, and A1111's prompt emphasis rescales to that mean. A
+    random bias makes the tiny encoder's output look like a trained one's."""
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.bias.normal_(0.0, 0.5)
 
 
 def tiny_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
@@ -258,6 +269,7 @@ def tiny_sdxl_models(seed: int = 0):
     configs = tiny_sdxl_configs(512 + len(tiny_tokenizer_merges()) + 2)
     unet, vae, text_encoder = _random_models(configs, seed)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+    _trained_looking_norm(text_encoder_2)
     return unet, vae, text_encoder, text_encoder_2
 
 
@@ -367,6 +379,34 @@ def make_tiny_embedding(base_checkpoint: str | Path, out_path: str | Path, seed:
     generator = torch.Generator().manual_seed(seed)
     width = metadata["text_encoder"]["hidden_size"]
     return _save({"emb_params": torch.randn(vectors, width, generator=generator)}, out_path, {})
+
+
+def make_tiny_controlnet(
+    base_checkpoint: str | Path, out_path: str | Path, seed: int = 0, diffusers_layout: bool = False
+) -> Path:
+    """A ControlNet for a tiny checkpoint (SD 1.5- or SDXL-shaped: it follows the base's UNet),
+    with random weights, saved in the original layout AUTOMATIC1111's extension reads
+    (`input_hint_block.*`, `zero_convs.*`, `input_blocks.*`) or, with `diffusers_layout`, under
+    diffusers' names. Its zero convolutions are not zero, so that it changes images."""
+    metadata = tiny_metadata(base_checkpoint)
+    if metadata is None:
+        raise ValueError(f"{base_checkpoint} is not a tiny checkpoint")
+    torch.manual_seed(seed)
+    config = controlnet_config_for(UNet2DConditionModel.from_config(metadata["unet"]).config)
+    controlnet = ControlNetModel.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in controlnet.named_parameters():
+        if name.startswith(("controlnet_down_blocks.", "controlnet_mid_block.", "controlnet_cond_embedding.conv_out.")):
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
+    state = controlnet.state_dict()
+    if not diffusers_layout:
+        state = layout.controlnet_to_ldm(state, config)
+    config_text = json.dumps({**json.loads(controlnet.to_json_string()), "_class_name": "ControlNetModel"})
+    return _save(
+        {key: tensor.contiguous() for key, tensor in state.items()},
+        out_path,
+        {TINY_CONTROLNET_METADATA_KEY: config_text},
+    )
 
 
 # --- image models of the extras and of rembg --------------------------------------------------

@@ -97,3 +97,17 @@ def esrgan_upscaler(model_dir) -> Path:
 def rembg_model(model_dir) -> Path:
     """A tiny U^2-Net-shaped background remover in ONNX, 320x320 input."""
     return testing.make_tiny_rembg_model(model_dir / "u2netp.onnx")
+
+
+@pytest.fixture(scope="session")
+def controlnet(model_dir, checkpoint) -> Path:
+    """A tiny ControlNet for the tiny SD 1.5 model, in the original (A1111 extension) layout."""
+    return testing.make_tiny_controlnet(checkpoint, model_dir / "control_tiny_canny.safetensors", seed=5)
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet(model_dir, sdxl_checkpoint) -> Path:
+    """A tiny SDXL ControlNet in diffusers' layout, as SDXL ControlNets are mostly published."""
+    return testing.make_tiny_controlnet(
+        sdxl_checkpoint, model_dir / "control_tiny_sdxl.safetensors", seed=6, diffusers_layout=True
+    )

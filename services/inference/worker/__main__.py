@@ -72,23 +72,21 @@ class InferenceWorker:
         )
 
     def _make_engine(self) -> None:
-        from services.inference.worker.engine import Engine  # the heavy imports: torch, diffusers
-
-        self.engine = Engine(device=self.runtime.device())
-        self._make_image_tasks()
-        log.info("worker.engine_ready", device=str(self.engine.device))
-
-    def _make_image_tasks(self) -> None:
-        from services.inference.worker.engine import BackgroundRemover, Extras, Upscalers
+        # the heavy imports: torch, diffusers
+        from services.inference.worker.engine import BackgroundRemover, Engine, Extras, Upscalers
 
         settings = self.runtime.settings
-        device = self.engine.device
-        self.extras = Extras(
-            Upscalers(device=device, tile_size=settings.upscaler_tile_size, tile_overlap=settings.upscaler_tile_overlap)
+        device = self.runtime.device()
+        # one set of upscalers (and their loaded models) for the extras and the hires fix
+        upscalers = Upscalers(
+            device=device, tile_size=settings.upscaler_tile_size, tile_overlap=settings.upscaler_tile_overlap
         )
+        self.engine = Engine(device=device, upscalers=upscalers)
+        self.extras = Extras(upscalers)
         self.rembg = BackgroundRemover(
             models_dir=settings.rembg_models_dir, device=str(device), threads=settings.worker_threads
         )
+        log.info("worker.engine_ready", device=str(self.engine.device))
 
     async def handle(self, job: RunInference) -> None:
         structlog.contextvars.bind_contextvars(inference_id=job.inference_id)
@@ -234,22 +232,38 @@ class InferenceWorker:
         from services.inference.worker.engine import ModelFiles
 
         checkpoint, vae = None, None
+        checkpoints: dict[str, Path] = {}
         loras: dict[str, Path] = {}
         embeddings: dict[str, Path] = {}
+        controlnets: dict[str, Path] = {}
+        upscalers: dict[str, Path] = {}
         for model in models:
             path = await self.runtime.model(model.key, f"model {model.name}")
             stem = Path(model.name).stem
-            if model.type == "Stable-diffusion" and checkpoint is None:
-                checkpoint = path
+            if model.type == "Stable-diffusion":
+                checkpoints[model.name] = path  # `override_settings.sd_model_checkpoint` picks among them
+                checkpoint = checkpoint or path
+            elif model.type == "ControlNet":
+                controlnets[stem] = controlnets[model.name] = path
             elif model.type == "VAE":
                 vae = path
             elif model.type == "Lora":
                 loras[stem] = loras[model.name] = path
             elif model.type == "embeddings":
                 embeddings[stem] = path
+            elif model.type in UPSCALER_TYPES:
+                upscalers[model.name] = path  # the hires fix's `hr_upscaler`
         if checkpoint is None:
             raise Invalid("the job names no Stable-diffusion checkpoint")
-        return ModelFiles(checkpoint=checkpoint, vae=vae, loras=loras, embeddings=embeddings)
+        return ModelFiles(
+            checkpoint=checkpoint,
+            vae=vae,
+            loras=loras,
+            embeddings=embeddings,
+            checkpoints=checkpoints,
+            controlnets=controlnets,
+            upscalers=upscalers,
+        )
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
     checkpoint,
+    controlnet,
     embedding,
     esrgan_upscaler,
     lora,
@@ -10,6 +11,7 @@ from tests.unit.tiny_models import (  # noqa: F401 (fixtures)
     other_checkpoint,
     rembg_model,
     sdxl_checkpoint,
+    sdxl_controlnet,
     sdxl_lora,
     upscaler,
     vae,

@@ -6,13 +6,16 @@ package), with no Hugging Face hub access.
     request = GenerationRequest.from_payload("txt2img", payload)
     result = engine.generate(request, ModelFiles(checkpoint=path), progress=report)
 
-The same workers run the extras (`Extras`: upscalers found by name in `Upscalers`, each an
-`upscale(image, target) -> image`) and background removal (`BackgroundRemover`, rembg's models
-on onnxruntime).
+Besides the basics it honours what A1111 API users send: prompt weights and BREAK
+(`prompts`), the hires fix (`hires`), ControlNet units in `alwayson_scripts` (`controlnet`)
+and `override_settings` (checkpoint, VAE, clip skip, ENSD). The same workers run the extras
+(`Extras`: upscalers found by name in `Upscalers`, each an `upscale(image, target) -> image`,
+which the hires fix uses too) and background removal (`BackgroundRemover`, rembg's models on
+onnxruntime).
 
-A user's mistake (a bad payload, an unknown sampler, a checkpoint, LoRA or embedding that does
-not fit) raises a `shared.errors.Invalid` whose message is meant for the user; anything else is
-a bug or a broken installation.
+A user's mistake (a bad payload, an unknown sampler or upscaler, a checkpoint, LoRA,
+embedding or ControlNet that does not fit) raises a `shared.errors.Invalid` whose message is
+meant for the user; anything else is a bug or a broken installation.
 """
 
 from diffusion.checkpoints import UnsupportedCheckpoint
@@ -42,7 +45,6 @@ __all__ = [
     "NamedImage",
     "RembgRequest",
     "UnknownRembgModel",
-    "UnknownUpscaler",
     "Upscale",
     "Upscalers",
     "GenerationCancelled",
@@ -53,5 +55,6 @@ __all__ = [
     "ModelFiles",
     "TokenizerUnavailable",
     "UnknownSampler",
+    "UnknownUpscaler",
     "UnsupportedCheckpoint",
 ]

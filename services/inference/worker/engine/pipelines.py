@@ -1,25 +1,29 @@
 """The diffusers pipelines the engine generates with, assembled from a checkpoint's components.
 
 A checkpoint is loaded once into a text-to-image pipeline that the engine caches; each job gets
-a pipeline of its own task (txt2img or img2img) over the same modules, with the job's sampler
-and VAE, so that nothing a job sets stays behind for the next one.
+a pipeline of its own task (txt2img or img2img) over the same modules, with the job's sampler,
+VAE and ControlNets (diffusers' ControlNet pipelines, built from the loaded modules without
+reading the checkpoint again), so that nothing a job sets stays behind for the next one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.models import MultiControlNetModel
 from diffusers.schedulers import EulerDiscreteScheduler, PNDMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -75,32 +79,32 @@ def text_to_image(components: Components) -> Pipeline:
     return pipeline
 
 
-def pipeline_for_job(loaded: LoadedCheckpoint, *, task: str, vae: AutoencoderKL, scheduler: SchedulerMixin) -> Pipeline:
+def pipeline_for_job(
+    loaded: LoadedCheckpoint,
+    *,
+    task: str,
+    vae: AutoencoderKL,
+    scheduler: SchedulerMixin,
+    controlnet: MultiControlNetModel | None = None,
+) -> Pipeline:
     """A pipeline of `task` (txt2img or img2img) over the cached checkpoint's modules, with the
-    job's VAE and sampler."""
+    job's VAE, sampler and, when given, ControlNets."""
     components = {**loaded.pipeline.components, "vae": vae, "scheduler": scheduler}
+    img2img = task == "img2img"
+    if controlnet is not None:
+        components["controlnet"] = controlnet
     if loaded.architecture.is_sdxl:
         # original_size / target_size / crops are left to diffusers' defaults (the image size)
-        pipeline_class = StableDiffusionXLImg2ImgPipeline if task == "img2img" else StableDiffusionXLPipeline
-        pipeline = pipeline_class(**components, add_watermarker=False)
+        if controlnet is not None:
+            classes = (StableDiffusionXLControlNetPipeline, StableDiffusionXLControlNetImg2ImgPipeline)
+        else:
+            classes = (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline)
+        pipeline = classes[img2img](**components, add_watermarker=False)
     else:
-        pipeline_class = StableDiffusionImg2ImgPipeline if task == "img2img" else StableDiffusionPipeline
-        pipeline = pipeline_class(**components, requires_safety_checker=False)
+        if controlnet is not None:
+            classes = (StableDiffusionControlNetPipeline, StableDiffusionControlNetImg2ImgPipeline)
+        else:
+            classes = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline)
+        pipeline = classes[img2img](**components, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-@contextmanager
-def clip_skip_compatible(text_encoder: torch.nn.Module) -> Iterator[None]:
-    """transformers 5 flattened CLIPTextModel, but diffusers' clip skip still reaches for
-    `text_encoder.text_model.final_layer_norm`: alias the model as its own `text_model` for the
-    call. Only for the call: while the alias exists, diffusers would also name LoRA targets the
-    old way and match none. Kept outside the module registry, so no cycle appears."""
-    if hasattr(text_encoder, "text_model"):
-        yield
-        return
-    object.__setattr__(text_encoder, "text_model", text_encoder)
-    try:
-        yield
-    finally:
-        del text_encoder.__dict__["text_model"]

@@ -1,8 +1,11 @@
 """The generation request: an AUTOMATIC1111 `/sdapi/v1/txt2img` or `img2img` body, validated.
 
-Unknown keys are ignored (clients send A1111's whole parameter set, `alwayson_scripts`
-included, and the non-standard `Infinity` for `s_tmax`); a bad value raises an InvalidPayload
-whose message names the field, which the worker records as the job's failure reason.
+Unknown keys are ignored (clients send A1111's whole parameter set and the non-standard
+`Infinity` for `s_tmax`); a bad value raises an InvalidPayload whose message names the field,
+which the worker records as the job's failure reason. Besides the basics it carries the hires
+fix (`enable_hr`, `hr_*`), ControlNet units (`alwayson_scripts.controlnet.args`) and the
+`override_settings` the engine honours (`sd_model_checkpoint`, `sd_vae`,
+`CLIP_stop_at_last_layers`, `eta_noise_seed_delta`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ MAX_SEED = 2**32 - 1
 # weight is used for both); LyCORIS's <lyco:...> reads the same.
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
+# A1111 names a checkpoint or VAE with its short hash: "v1-5-pruned.safetensors [6ce0161689]"
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]\s*$")
 
 
 class InvalidPayload(Invalid):
@@ -53,6 +58,18 @@ class GenerationRequest(BaseModel):
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False)
     init_images: list[str] = Field(default_factory=list)
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    # The hires fix (txt2img); see `hires.py`.
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, gt=0.0, le=8.0, allow_inf_nan=False)
+    hr_upscaler: str | None = None  # None: "Latent", but not written into the infotext
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    hr_resize_x: int = Field(0, ge=0, le=4096)
+    hr_resize_y: int = Field(0, ge=0, le=4096)
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -74,16 +91,18 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be a multiple of 8 (got {value})")
         return value
 
-    @field_validator("sampler_name")
+    @field_validator("sampler_name", "hr_sampler_name")
     @classmethod
-    def _known_sampler(cls, value: str) -> str:
+    def _known_sampler(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             resolve_sampler(value)
         except UnknownSampler as error:
             raise ValueError(error.message) from None  # pydantic names the field
         return value
 
-    @field_validator("scheduler")
+    @field_validator("scheduler", "hr_scheduler")
     @classmethod
     def _known_schedule(cls, value: str | None) -> str | None:
         if value is not None:
@@ -112,6 +131,12 @@ class GenerationRequest(BaseModel):
                 raise ValueError(
                     f"denoising_strength: {self.denoising_strength} x {self.steps} steps leaves no step to run"
                 )
+        elif self.enable_hr:
+            steps = self.hr_second_pass_steps or self.steps
+            if int(steps * self.denoising_strength) < 1:
+                raise ValueError(
+                    f"denoising_strength: {self.denoising_strength} x {steps} hires steps leaves no step to run"
+                )
         return self
 
     @classmethod
@@ -122,9 +147,12 @@ class GenerationRequest(BaseModel):
         if not isinstance(payload, dict):
             raise InvalidPayload(f"the {task} payload must be a JSON object, not {type(payload).__name__}")
         try:
-            return cls.model_validate({**payload, "task": task})
+            request = cls.model_validate({**payload, "task": task})
         except ValidationError as error:
             raise InvalidPayload(f"invalid {task} payload: {_describe(error)}") from None
+        request.controlnet_units()  # a bad unit fails here, before any model is loaded
+        request.eta_noise_seed_delta  # noqa: B018 (likewise a bad setting)
+        return request
 
     # What the engine derives from the request.
 
@@ -153,8 +181,36 @@ class GenerationRequest(BaseModel):
             return None
         return value.strip()
 
-    def lora_tags(self) -> tuple[str, dict[str, float]]:
-        """The prompt without its `<lora:name:weight>` tags, and the weights by LoRA name."""
+    @property
+    def checkpoint_setting(self) -> str | None:
+        """`override_settings.sd_model_checkpoint` without its ` [hash]`, or None."""
+        value = self.override_settings.get("sd_model_checkpoint")
+        if not isinstance(value, str) or not strip_hash(value):
+            return None
+        return strip_hash(value)
+
+    @property
+    def eta_noise_seed_delta(self) -> int:
+        """A1111's ENSD: added to the seed of the noise that ancestral and SDE samplers draw
+        while sampling (`override_settings.eta_noise_seed_delta`)."""
+        value = self.override_settings.get("eta_noise_seed_delta", 0)
+        try:
+            delta = int(value or 0)
+        except (TypeError, ValueError):
+            raise InvalidPayload(f"override_settings.eta_noise_seed_delta: not a number ({value!r})") from None
+        if not 0 <= delta <= MAX_SEED:
+            raise InvalidPayload(f"override_settings.eta_noise_seed_delta: must be 0..{MAX_SEED} (got {delta})")
+        return delta
+
+    def controlnet_units(self):
+        """The enabled ControlNet units of `alwayson_scripts`, validated (see `controlnet.py`)."""
+        from services.inference.worker.engine.controlnet import parse_units  # it imports this module
+
+        return parse_units(self.alwayson_scripts)
+
+    def lora_tags(self, prompt: str | None = None) -> tuple[str, dict[str, float]]:
+        """The prompt (or `prompt`) without its `<lora:name:weight>` tags, and the weights by
+        LoRA name."""
         weights: dict[str, float] = {}
 
         def take(match: re.Match) -> str:
@@ -166,12 +222,17 @@ class GenerationRequest(BaseModel):
             weights[name] = weights.get(name, 0.0) + value
             return ""
 
-        prompt = _LORA_TAG.sub(take, self.prompt)
+        prompt = _LORA_TAG.sub(take, self.prompt if prompt is None else prompt)
         prompt = re.sub(r"\s+,", ",", re.sub(r"[ \t]{2,}", " ", prompt))
         return prompt.strip(" ,"), weights
 
     def init_image(self) -> Image.Image:
         return decode_image(self.init_images[0]).convert("RGB")
+
+
+def strip_hash(name: str) -> str:
+    """A1111's model title without its ` [hash]`."""
+    return _HASH_SUFFIX.sub("", name).strip()
 
 
 def decode_image(text: str) -> Image.Image:

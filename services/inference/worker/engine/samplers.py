@@ -42,15 +42,16 @@ class _Sampler:
     scheduler: type[SchedulerMixin]
     options: Mapping[str, Any] = field(default_factory=dict)
     automatic_schedule: str = "Uniform"  # what A1111 1.9+ picks for schedule type "Automatic"
+    stochastic: bool = False  # draws fresh noise while sampling (ancestral, SDE): ENSD applies
 
 
 SAMPLERS: dict[str, _Sampler] = {
     "Euler": _Sampler(EulerDiscreteScheduler),
-    "Euler a": _Sampler(EulerAncestralDiscreteScheduler),
+    "Euler a": _Sampler(EulerAncestralDiscreteScheduler, stochastic=True),
     "LMS": _Sampler(LMSDiscreteScheduler),
     "Heun": _Sampler(HeunDiscreteScheduler),
     "DPM2": _Sampler(KDPM2DiscreteScheduler, automatic_schedule="Karras"),
-    "DPM2 a": _Sampler(KDPM2AncestralDiscreteScheduler, automatic_schedule="Karras"),
+    "DPM2 a": _Sampler(KDPM2AncestralDiscreteScheduler, automatic_schedule="Karras", stochastic=True),
     "DPM++ 2M": _Sampler(
         DPMSolverMultistepScheduler,
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
@@ -60,11 +61,13 @@ SAMPLERS: dict[str, _Sampler] = {
         DPMSolverMultistepScheduler,
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
         automatic_schedule="Exponential",
+        stochastic=True,
     ),
     "DPM++ 3M SDE": _Sampler(
         DPMSolverMultistepScheduler,
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
         automatic_schedule="Exponential",
+        stochastic=True,
     ),
     "DDIM": _Sampler(DDIMScheduler),
     "PLMS": _Sampler(PNDMScheduler, {"skip_prk_steps": True}),
@@ -105,6 +108,10 @@ class SamplerChoice:
 
     sampler: str  # canonical A1111 name, e.g. "DPM++ 2M"
     schedule: str  # "Uniform", "Karras", ...
+
+    @property
+    def stochastic(self) -> bool:
+        return SAMPLERS[self.sampler].stochastic
 
     def make_scheduler(self, model_config: Mapping[str, Any]) -> SchedulerMixin:
         entry = SAMPLERS[self.sampler]
