@@ -14,7 +14,7 @@ from faststream.rabbit import RabbitQueue
 from services.gateway.bodies import BODY_DEFINITIONS
 from services.gateway.completions import Completions
 from services.gateway.envelope import ErrorReply, ForbiddenReply, install_error_handlers
-from services.gateway.routes import checkpoints, endpoints, events, inferences, ping, roles, trainings, users
+from services.gateway.routes import asyncapi, checkpoints, endpoints, events, inferences, ping, roles, trainings, users
 from services.gateway.security import EdgeMiddleware, Principals
 from services.gateway.streams import EventLog
 from shared.contracts.inference import InferenceCanceled, InferenceFailed, InferenceSucceeded
@@ -33,6 +33,7 @@ ROUTERS = (
     inferences.router,
     trainings.router,
     events.router,
+    asyncapi.router,
 )
 
 
