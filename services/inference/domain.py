@@ -95,6 +95,7 @@ class InferenceJob(Record):
     error: str | None = None
     progress: JobProgress | None = None
     info: dict[str, Any] = Field(default_factory=dict)
+    preview_every: int | None = None
 
     @property
     def finished(self) -> bool:

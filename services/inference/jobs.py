@@ -123,6 +123,7 @@ class Jobs:
             files=files,
             payload_key=domain.payload_key(command.task_type, inference_id),
             created=time.time(),
+            preview_every=command.preview_every,
         )
         if command.payload_string is not None:
             await self.storage.put(job.payload_key, command.payload_string.encode(), "application/json")
@@ -203,6 +204,7 @@ class Jobs:
                     output_prefix=domain.output_prefix(job.id),
                     models=job.files,
                     owner=job.owner,
+                    preview_every=job.preview_every,
                 )
                 await send_work(self.broker, self.names, queue_of(job.endpoint_name), run)
                 log.info("inference.dispatched", inference_id=job.id, endpoint=job.endpoint_name)

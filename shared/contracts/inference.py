@@ -124,6 +124,8 @@ class CreateInferenceBody(Body):
     payload_string: str | None = None
     webhook: WebhookUrl | None = None
     webhook_events_filter: list[WebhookEvent] | None = None
+    # a small approximate image in the progress event every this many steps (none by default)
+    preview_every: Annotated[int, Field(ge=1, le=1000)] | None = None
 
 
 class DeleteInferencesBody(Body):
@@ -310,6 +312,7 @@ class RunInference(BaseModel):
     output_prefix: str
     models: list[ModelFile]
     owner: str = ""  # named in the job's events, so that only its owner's streams carry them
+    preview_every: int | None = None
 
 
 class ReportInferenceStarted(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import time
 from pathlib import Path
@@ -132,7 +133,7 @@ class InferenceWorker:
             structlog.contextvars.unbind_contextvars("inference_id")
 
     async def _run(self, job: RunInference, phases: dict[str, float]) -> tuple[list[str], dict]:
-        from services.inference.worker.engine import GenerationRequest
+        from services.inference.worker.engine import GenerationRequest, Preview
 
         if job.task_type in IMAGE_TASKS:
             return await self._run_image_task(job, phases)
@@ -159,15 +160,30 @@ class InferenceWorker:
         phase("payload")
         files = await self._model_files(job.models)
         phase("models")
-        progress = self.runtime.progress(
-            lambda step, total: InferenceProgress(inference_id=job.inference_id, step=step, total=total),
-            every=PROGRESS_EVERY_SECONDS,
+        began = time.monotonic()
+        previews: list[bytes] = []  # the latest preview, for the progress event of its step
+
+        def progressed(step: int, total: int) -> InferenceProgress:
+            return InferenceProgress(
+                inference_id=job.inference_id,
+                step=step,
+                total=total,
+                owner=job.owner,
+                eta=round((time.monotonic() - began) / step * (total - step), 2) if step else None,
+                preview="data:image/png;base64," + base64.b64encode(previews.pop()).decode() if previews else None,
+            )
+
+        progress = self.runtime.progress(progressed, every=PROGRESS_EVERY_SECONDS)
+        preview = (
+            Preview(every=job.preview_every, show=lambda _, png: previews.append(png)) if job.preview_every else None
         )
         result = await asyncio.to_thread(
             self.engine.generate,
             request,
             files,
             progress=lambda step, total: progress(step, total, final=step == total),
+            cancelled=self.runtime.cancelled,
+            preview=preview,
         )
         phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]

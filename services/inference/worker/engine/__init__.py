@@ -26,6 +26,7 @@ from services.inference.worker.engine.engine import (
     GenerationResult,
     IncompatibleModel,
     ModelFiles,
+    Preview,
 )
 from services.inference.worker.engine.extras import Extras, ExtrasModels, ExtrasRequest, FaceRestorationUnavailable
 from services.inference.worker.engine.outputs import ImagesResult, NamedImage
@@ -53,6 +54,7 @@ __all__ = [
     "IncompatibleModel",
     "InvalidPayload",
     "ModelFiles",
+    "Preview",
     "TokenizerUnavailable",
     "UnknownSampler",
     "UnknownUpscaler",

@@ -15,6 +15,7 @@ img2img pass at the larger size (`hires.py`); ControlNet units steer either pass
 from __future__ import annotations
 
 import gc
+import io
 import random
 import re
 import threading
@@ -46,6 +47,15 @@ from shared.errors import Invalid
 
 Progress = Callable[[int, int], None]
 Cancelled = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A small approximate image of the latents every `every` steps, for a client to show while
+    the job runs; `show(step, png)` takes it."""
+
+    every: int
+    show: Callable[[int, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -170,10 +180,11 @@ class Engine:
         *,
         progress: Progress | None = None,
         cancelled: Cancelled | None = None,
+        preview: Preview | None = None,
     ) -> GenerationResult:
         with self._lock:
             try:
-                return self._generate(request, models, progress, cancelled)
+                return self._generate(request, models, progress, cancelled, preview)
             except Exception:
                 # Whatever failed (CUDA out of memory included) leaves the engine usable.
                 self._release_memory()
@@ -195,6 +206,7 @@ class Engine:
         models: ModelFiles,
         progress: Progress | None,
         cancelled: Cancelled | None,
+        preview: Preview | None = None,
     ) -> GenerationResult:
         started = time.perf_counter()
         hires = plan_hires(request)
@@ -273,7 +285,7 @@ class Engine:
                         planned_steps=int(hires.steps * request.denoising_strength),
                     )
                 )
-            images = self._run(request, passes, seeds, init_image, hires, steering, progress, cancelled)
+            images = self._run(request, passes, seeds, init_image, hires, steering, progress, cancelled, preview)
         finally:
             if adapters:
                 pipe.unload_lora_weights()
@@ -337,6 +349,7 @@ class Engine:
         steering: _Control | None,
         progress: Progress | None,
         cancelled: Cancelled | None,
+        preview: Preview | None = None,
     ) -> list[Image.Image]:
         generator_device = self.device if self.device.type == "cuda" else torch.device("cpu")
 
@@ -344,7 +357,7 @@ class Engine:
             # one generator per image: image i of the job depends on seed + i alone
             return [torch.Generator(device=generator_device).manual_seed(seed + offset) for seed in batch]
 
-        steps = _StepCounter(request.n_iter, [one.planned_steps for one in passes], progress, cancelled)
+        steps = _StepCounter(request.n_iter, [one.planned_steps for one in passes], progress, cancelled, preview)
         ensd = request.eta_noise_seed_delta
         images: list[Image.Image] = []
         for iteration in range(request.n_iter):
@@ -530,27 +543,63 @@ class _StepCounter:
     pipeline has set its timesteps (Heun's or DPM2's are not the steps asked for); until then
     the planned count stands in."""
 
-    def __init__(self, iterations: int, planned: list[int], progress: Progress | None, cancelled: Cancelled | None):
+    def __init__(
+        self,
+        iterations: int,
+        planned: list[int],
+        progress: Progress | None,
+        cancelled: Cancelled | None,
+        preview: Preview | None = None,
+    ):
         self.iterations = iterations
         self.planned = list(planned)
         self.progress = progress
         self.cancelled = cancelled
+        self.preview = preview
 
     def callback(self, iteration: int, pass_index: int):
-        if self.progress is None and self.cancelled is None:
+        if self.progress is None and self.cancelled is None and self.preview is None:
             return None
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             self.planned[pass_index] = pipe.num_timesteps
+            per_iteration = sum(self.planned)
+            done = iteration * per_iteration + sum(self.planned[:pass_index]) + step + 1
+            if self.preview is not None and done % self.preview.every == 0 and "latents" in tensors:
+                self.preview.show(done, preview_png(tensors["latents"], sdxl=hasattr(pipe, "text_encoder_2")))
             if self.progress is not None:
-                per_iteration = sum(self.planned)
-                done = iteration * per_iteration + sum(self.planned[:pass_index]) + step + 1
                 self.progress(done, self.iterations * per_iteration)
             if self.cancelled is not None and self.cancelled():
                 pipe._interrupt = True  # diffusers skips the remaining steps
             return tensors
 
         return on_step_end
+
+
+# The usual linear approximation of Stable Diffusion's VAE decoder (latent channels -> RGB),
+# good enough for a thumbnail while a job runs.
+_LATENT_RGB = {
+    False: ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
+    True: (
+        (0.3920, 0.4054, 0.4549),
+        (-0.2634, -0.0196, 0.0653),
+        (0.0568, 0.1687, -0.0755),
+        (-0.3112, -0.2359, -0.2076),
+    ),
+}
+PREVIEW_SIDE = 128
+
+
+def preview_png(latents: torch.Tensor, *, sdxl: bool) -> bytes:
+    """The first image of a batch of latents as a small PNG, through the linear approximation."""
+    factors = torch.tensor(_LATENT_RGB[sdxl], dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), factors)
+    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _sample_noise_from(pipe, generators: list[torch.Generator]) -> None:
