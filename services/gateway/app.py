@@ -115,10 +115,12 @@ def _openapi(app: FastAPI) -> dict:
         for model in (ErrorReply, ForbiddenReply):
             components[model.__name__] = model.model_json_schema()
         # FastAPI documents a 422 for every route with parameters; this API answers a bad
-        # parameter with a 400 (documented per route) and never 422
+        # parameter with a 400 (documented per route), and 422 only for a reused Idempotency-Key
         for path in schema.get("paths", {}).values():
             for operation in path.values():
-                operation.get("responses", {}).pop("422", None)
+                responses = operation.get("responses", {})
+                if responses.get("422", {}).get("description") == "Validation Error":  # FastAPI's, not ours
+                    responses.pop("422")
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         schema["components"]["securitySchemes"] = {

@@ -99,7 +99,6 @@ class TrainingWorker:
         try:
             await self.runtime.job(
                 REPORT_TRAINING_STARTED,
-                REPORT_TRAINING_STOPPED,
                 ReportTrainingStarted(training_id=job.training_id, worker_id=self.worker_id),
                 lambda: self._train(job, saved),
                 job_id=job.training_id,
