@@ -43,10 +43,26 @@ DOMAIN_REASONS = [
     r"multi parts tags (is empty|are missing|name files)|has no multipart upload|could not complete the upload",
     r"cannot tell a file name from|is not a model file",
     r"cannot delete default role",
+    r"resolves to the internal address|the name does not resolve",  # what a URL's host is, by DNS
 ]
 
 FAILURE = re.compile(r"^- (?P<title>.+)$", re.M)
-ANSWER = re.compile(r"^\[(?P<status>\d+)\][^\n]*\n\n\s+`(?P<body>.*)`$", re.M)
+ANSWER = re.compile(
+    r"^\[(?P<status>\d+)\][^\n]*\n\n\s+`(?P<body>.*)`\n\nReproduce with:\n\n\s+(?P<curl>curl[^\n]*)$", re.M
+)
+SENT = re.compile(r" -d (?:'(?P<quoted>(?:[^']|'\\'')*)'|(?P<bare>\S+))")
+
+
+def sent_an_object(curl: str) -> bool:
+    """Whether a reproduced request's body (if any) is a JSON object: schemathesis counts as
+    "schema-valid" some requests whose body is not (a scalar next to a generated header)."""
+    found = SENT.search(curl)
+    if found is None:
+        return True
+    try:
+        return isinstance(json.loads(found.group("quoted") or found.group("bare")), dict)
+    except ValueError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +112,7 @@ def test_the_api_answers_as_its_document_says(fuzzed_stack, tmp_path):
     refused = [
         json.loads(answer.group("body"))["message"]
         for answer in ANSWER.finditer(output)
-        if answer.group("status") == "400"
+        if answer.group("status") == "400" and sent_an_object(answer.group("curl"))
     ]
     for message in refused:
         assert any(re.search(reason, message) for reason in DOMAIN_REASONS), (
