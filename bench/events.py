@@ -72,6 +72,34 @@ def follow_sse(url: str, headers: dict, arrivals: Arrivals, stop: threading.Even
                 data = None
 
 
+def follow_amqp(
+    amqp_url: str, exchange: str, arrivals: Arrivals, ready: threading.Event, stop: threading.Event
+) -> None:
+    """A client's own queue bound to the events exchange, noting each event as it arrives."""
+    import asyncio
+
+    import aio_pika
+
+    async def consume() -> None:
+        connection = await aio_pika.connect_robust(amqp_url)
+        channel = await connection.channel()
+        events = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(events, routing_key="inference.succeeded")
+
+        async def on_message(message) -> None:
+            arrivals.saw("amqp", json.loads(message.body))
+            await message.ack()
+
+        await queue.consume(on_message)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        await connection.close()
+
+    asyncio.run(consume())
+
+
 def receiver(arrivals: Arrivals) -> tuple[http.server.ThreadingHTTPServer, str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
@@ -94,7 +122,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    from deploy.local.events import EventListener
     from deploy.local.first_image import TINY_MODEL, Client, _ensure_model
     from deploy.local.stack import LocalStack, free_port
 
@@ -115,9 +142,13 @@ def main() -> None:
         arrivals, stop = Arrivals(), threading.Event()
         server, hook = receiver(arrivals)
         headers = {"x-api-key": stack.api_key, "username": stack.admin_username}
-        listener = EventListener(stack.amqp_url, f"{stack.env['ESD_BROKER_PREFIX']}esd.events", "inference.succeeded")
+        ready = threading.Event()
+        exchange = f"{stack.env['ESD_BROKER_PREFIX']}esd.events"
         try:
-            listener.__enter__()
+            threading.Thread(
+                target=follow_amqp, args=(stack.amqp_url, exchange, arrivals, ready, stop), daemon=True
+            ).start()
+            ready.wait(30)
             threading.Thread(target=follow_sse, args=(stack.gateway_url, headers, arrivals, stop), daemon=True).start()
             client = Client(stack.gateway_url, stack.api_key, stack.admin_username)
             _ensure_model(client, Path(var), lambda _: None)
@@ -155,15 +186,11 @@ def main() -> None:
                 )
             deadline = time.monotonic() + 60 + args.jobs * 5
             while time.monotonic() < deadline:
-                while not listener.received.empty():
-                    _, event = listener.received.get()
-                    arrivals.saw("amqp", event)
                 if all(len(arrivals.at[channel]) >= args.jobs for channel in arrivals.at):
                     break
                 time.sleep(0.05)
         finally:
             stop.set()
-            listener.__exit__(None, None, None)
             server.shutdown()
             stack.down()
 
