@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,8 @@ class InferenceWorker:
 def main() -> None:
     parser = argparse.ArgumentParser(description="An inference worker of one endpoint's pool")
     parser.add_argument("--endpoint", required=True)
-    parser.add_argument("--worker-id", required=True)
+    # a container's or pod's host name is unique in its pool
+    parser.add_argument("--worker-id", default=socket.gethostname())
     args = parser.parse_args()
     settings = get_settings()
     configure_logging("worker", fmt=settings.log_format, level=settings.log_level)

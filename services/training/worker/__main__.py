@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import socket
 import tempfile
 from pathlib import Path
 
@@ -56,13 +57,14 @@ class TrainingWorker:
             grace_seconds=GRACE_SECONDS,
         )
 
-    async def run(self) -> None:
+    async def run(self, once: bool = False) -> None:
         # the heavy imports (torch, diffusers, peft) before taking work, not in a job's time
         await self.runtime.serve(
             JOBS,
             RunTraining,
             self.handle,
             warm_up=lambda: importlib.import_module("services.training.worker.trainer.training"),
+            once=once,
         )
 
     async def handle(self, job: RunTraining) -> None:
@@ -161,12 +163,15 @@ class TrainingWorker:
 def main() -> None:
     parser = argparse.ArgumentParser(description="A LoRA training worker")
     parser.add_argument("--endpoint", default=POOL, help="the pool's name")
-    parser.add_argument("--worker-id", required=True)
+    # one training, then exit: a Kubernetes Job per training (KEDA's ScaledJob)
+    parser.add_argument("--once", action="store_true", help="exit after one training")
+    # a container's or pod's host name is unique in its pool
+    parser.add_argument("--worker-id", default=socket.gethostname())
     args = parser.parse_args()
     settings = get_settings()
     configure_logging("training-worker", fmt=settings.log_format, level=settings.log_level)
     structlog.contextvars.bind_contextvars(worker_id=args.worker_id)
-    run(TrainingWorker(settings, args.endpoint, args.worker_id).run())
+    run(TrainingWorker(settings, args.endpoint, args.worker_id).run(once=args.once))
 
 
 if __name__ == "__main__":
