@@ -38,18 +38,18 @@ class InstanceType(BaseModel):
     memory: str | None = Field(None, pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")  # Kubernetes' quantity form
 
 
-InstanceTable = dict[str, InstanceType]
+InstanceTable = dict[str, InstanceType]  # empty: no table (every name is `local`)
 _TABLE = TypeAdapter(InstanceTable)
-DEFAULT_TABLE: InstanceTable = {LOCAL: InstanceType()}
+DEFAULT = InstanceType()
 
 
 def load_table(inline: str = "", file: Path | None = None) -> InstanceTable:
-    """The operator's table (inline JSON wins over the file), or the default one."""
+    """The operator's table (inline JSON wins over the file), or none."""
     if inline.strip():
         return _TABLE.validate_json(inline)
     if file is not None:
         return _TABLE.validate_python(json.loads(file.read_text()))
-    return dict(DEFAULT_TABLE)
+    return {}
 
 
 class UnknownInstanceType(Invalid):
@@ -61,6 +61,8 @@ class ResourceLimitExceeded(Invalid):
 
 
 def instance_type(table: InstanceTable, name: str) -> InstanceType:
+    if not table:
+        return DEFAULT
     entry = table.get(name)
     if entry is None:
         raise UnknownInstanceType(f"instance_type {name} is not known here; known: {', '.join(sorted(table))}")

@@ -26,7 +26,7 @@ from shared.contracts.inference import (
     queue_of,
 )
 from shared.contracts.workers import WorkerHeartbeat, WorkerState
-from shared.instance_types import DEFAULT_TABLE, InstanceTable, check_quota
+from shared.instance_types import InstanceTable, check_quota, instance_type
 from shared.messaging import EventPublisher, Names, declare_work_queue
 from shared.permissions import allows
 from shared.pools import PoolBackend, PoolSpec
@@ -54,7 +54,7 @@ class Endpoints:
         self.names = names
         self.live_within = live_within
         self.fail_job = fail_job  # (inference_id, reason): how a queued job of a deleted pool ends
-        self.instance_types = instance_types if instance_types is not None else dict(DEFAULT_TABLE)
+        self.instance_types = instance_types or {}
 
     async def create(self, command: CreateEndpoint) -> EndpointView:
         minimum, maximum = command.limits()
@@ -93,7 +93,7 @@ class Endpoints:
             name=endpoint.name,
             queue=self.names.work_queue(queue_of(endpoint.name)).name,
             instance_type=endpoint.instance_type,
-            placement=self.instance_types[endpoint.instance_type],
+            placement=instance_type(self.instance_types, endpoint.instance_type),
             minimum=endpoint.min,
             maximum=endpoint.max,
             initial=domain.initial_workers(endpoint),

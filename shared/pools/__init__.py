@@ -59,7 +59,14 @@ class PoolBackend(Protocol):
 
 
 # Settings a worker must not inherit from the service that starts it: they are about pools.
-_NOT_FOR_WORKERS = {"ESD_POOL_BACKEND", "ESD_INSTANCE_TYPES", "ESD_INSTANCE_TYPES_FILE", "ESD_GATEWAY_PORT"}
+_NOT_FOR_WORKERS = {
+    "ESD_POOL_BACKEND",
+    "ESD_INSTANCE_TYPES",
+    "ESD_INSTANCE_TYPES_FILE",
+    "ESD_GATEWAY_PORT",
+    "ESD_API_KEY",
+    "ESD_ADMIN_PASSWORD",
+}
 
 
 def worker_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
