@@ -204,7 +204,14 @@ class KubernetesPool:
                 if error.status != 409:
                     raise
                 await custom.patch_namespaced_custom_object(
-                    KEDA_GROUP, KEDA_VERSION, namespace, "scaledobjects", name, scaler
+                    KEDA_GROUP,
+                    KEDA_VERSION,
+                    namespace,
+                    "scaledobjects",
+                    name,
+                    scaler,
+                    # a custom object takes no strategic merge, and a JSON patch is a list
+                    _content_type="application/merge-patch+json",
                 )
         log.info("pool.deployment_created", endpoint=spec.name, deployment=name, keda=spec.autoscaling)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,6 +63,7 @@ class SwarmStack:
     api_key: str
     prefix: str
     docker_client: object = field(repr=False)
+    logs: LogCollector = field(repr=False)
 
     def services(self, role: str | None = None) -> list:
         filters = {"label": f"com.docker.stack.namespace={STACK}"}
@@ -77,17 +79,84 @@ class SwarmStack:
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
         return self.docker_client.containers.list(all=True, filters=filters)
 
-    def log_events(self, containers: list) -> list[dict]:
-        """Every JSON log line of these containers (dead ones included)."""
-        events = []
-        for container in containers:
-            for line in container.logs(stdout=True, stderr=True).decode(errors="replace").splitlines():
-                if line.startswith("{"):
-                    try:
-                        events.append(json.loads(line))
-                    except ValueError:
-                        continue
-        return events
+    def log_events(self, **labels: str) -> list[dict]:
+        """Every JSON log line of the containers with these labels, the removed ones included
+        (a scaled-down worker's container is gone with its slot: the collector kept its log)."""
+        return [event for lines in self.logs.of(labels) for event in _json_lines(lines)]
+
+
+def _json_lines(lines: list[str]) -> list[dict]:
+    events = []
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+class LogCollector:
+    """Follows the log of every container of the stack from its start to its end, in threads:
+    swarm removes a scaled-down task's container, and its log with it."""
+
+    def __init__(self, base_url: str) -> None:
+        import docker as docker_sdk
+
+        self.client = docker_sdk.DockerClient(base_url=base_url)
+        self.base_url = base_url
+        self.lines: dict[str, list[str]] = {}
+        self.labels: dict[str, dict[str, str]] = {}
+        self.stopping = threading.Event()
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                for container in self.client.containers.list(all=True):
+                    if container.id not in self.lines:
+                        self.lines[container.id] = []
+                        self.labels[container.id] = dict(container.labels)
+                        threading.Thread(target=self._follow, args=(container.id,), daemon=True).start()
+            except Exception:
+                pass  # the daemon is busy or going away: try again
+            self.stopping.wait(0.3)
+
+    def _follow(self, container_id: str) -> None:
+        import docker as docker_sdk
+
+        client = docker_sdk.APIClient(base_url=self.base_url)
+        pending = ""
+        try:
+            for chunk in client.logs(container_id, stream=True, follow=True, stdout=True, stderr=True):
+                pending += chunk.decode(errors="replace")
+                *complete, pending = pending.split("\n")
+                self.lines[container_id].extend(complete)
+        except Exception:
+            pass
+        finally:
+            if pending:
+                self.lines[container_id].append(pending)
+            client.close()
+
+    def of(self, labels: dict[str, str]) -> list[list[str]]:
+        return [
+            self.lines[cid]
+            for cid, have in list(self.labels.items())
+            if all(have.get(key) == value for key, value in labels.items())
+        ]
+
+    def container_of(self, lines_with: str) -> str | None:
+        for cid, lines in list(self.lines.items()):
+            if any(lines_with in line for line in lines):
+                return cid
+        return None
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.watcher.join(timeout=5)
+        self.client.close()
 
 
 async def _healthy(amqp_url: str, prefix: str) -> None:
@@ -142,7 +211,7 @@ def swarm_stack(docker_host, tmp_path_factory) -> Iterator[SwarmStack]:
         "ESD_POOL_SCALE_DOWN_AFTER": "3",
         "ESD_WORKER_THREADS": "1",  # this machine's two cores are shared by every container
     }
-    client = docker_sdk.DockerClient(base_url=f"unix://{'/var/run/docker.sock'}")
+    client = docker_sdk.DockerClient(base_url="unix:///var/run/docker.sock")
     stack = SwarmStack(
         servers=servers,
         env=env,
@@ -150,6 +219,7 @@ def swarm_stack(docker_host, tmp_path_factory) -> Iterator[SwarmStack]:
         api_key=servers.api_key,
         prefix=prefix,
         docker_client=client,
+        logs=LogCollector("unix:///var/run/docker.sock"),
     )
     try:
         started = time.monotonic()
@@ -181,17 +251,16 @@ def swarm_stack(docker_host, tmp_path_factory) -> Iterator[SwarmStack]:
             if service.name.startswith(env["ESD_POOL_NAME_PREFIX"]):
                 service.remove()
         _wait_gone(client)
+        stack.logs.close()
         client.close()
         servers.down()
 
 
 def _save_logs(stack: SwarmStack, folder: Path) -> None:
     """The containers' logs beside dockerd's, for a failure's post-mortem."""
-    try:
-        for container in stack.docker_client.containers.list(all=True):
-            (folder / f"{container.name}.log").write_bytes(container.logs())
-    except Exception:
-        pass
+    for cid, lines in list(stack.logs.lines.items()):
+        name = stack.logs.labels[cid].get("com.docker.swarm.task.name", cid[:12])
+        (folder / f"{name}.log").write_text("\n".join(lines))
 
 
 def _wait_gone(client, timeout: float = 120) -> None:

@@ -26,8 +26,8 @@ from tests.swarm.conftest import STACK, say
 pytestmark = pytest.mark.swarm
 
 MAX_WORKERS = 3
-# long enough on this machine's shared cores to be caught mid-job (a few seconds a job)
-STEPS = 120
+# long enough to be caught mid-job (several seconds a job here); 150 is the most a job may ask
+STEPS = 150
 
 
 class Api:
@@ -158,8 +158,9 @@ def submit(api, endpoint: str, model: str, count: int, steps: int = STEPS) -> li
             "prompt": "a tiny red cube",
             "steps": steps,
             "sampler_name": "Euler",
-            "width": 64,
-            "height": 64,
+            "width": 128,
+            "height": 128,
+            "batch_size": 2,
             "seed": number,
         }
         created = api(
@@ -187,7 +188,7 @@ def runs_completed(stack, endpoint: str, jobs: list[str]) -> Counter:
     """How many times each job ran to its end, from every worker container's log (the dead ones
     too: a killed or scaled-down container stays until the swarm is gone)."""
     wanted = set(jobs)
-    lines = stack.log_events(stack.containers(**{"esd.pool": endpoint}))
+    lines = stack.log_events(**{"esd.pool": endpoint})
     return Counter(
         line["inference_id"]
         for line in lines
@@ -257,7 +258,7 @@ def test_a_scale_down_during_jobs_lets_the_stopping_worker_finish_its_job(
     say(f"scaled the pool from {before} to {before - 1} during its jobs")
     check_each_completed_once(api, swarm_stack, events, endpoint, jobs)
     assert events.of("inference.started", jobs) == Counter(jobs)  # none was run again
-    lines = swarm_stack.log_events(swarm_stack.containers(**{"esd.pool": endpoint}))
+    lines = swarm_stack.log_events(**{"esd.pool": endpoint})
     drained = [line for line in lines if line.get("event") == "worker.stopping" and line.get("job_in_hand")]
     assert drained, "the stopped worker held a job"
     assert not [line for line in lines if line.get("event") == "worker.job_given_back"]
@@ -267,13 +268,15 @@ def test_a_scale_down_during_jobs_lets_the_stopping_worker_finish_its_job(
 def test_when_the_leading_inference_replica_dies_another_takes_over_the_autoscaling(
     api, swarm_stack, events, endpoint, model, figures
 ):
+    inference = {"com.docker.swarm.service.name": f"{STACK}_inference"}
+
     def leader():
         holders = {}
-        for container in swarm_stack.containers(**{"com.docker.swarm.service.name": f"{STACK}_inference"}):
+        for container in swarm_stack.containers(**inference):
             container.reload()
             if container.status != "running":
                 continue
-            for line in swarm_stack.log_events([container]):
+            for line in swarm_stack.log_events(**{**inference, "com.docker.swarm.task.id": _task_id(container)}):
                 if line.get("event") in ("leader.acquired", "leader.lost", "leader.released"):
                     holders[container.id] = line["event"] == "leader.acquired"
         leading = [cid for cid, held in holders.items() if held]
@@ -286,10 +289,10 @@ def test_when_the_leading_inference_replica_dies_another_takes_over_the_autoscal
     say(f"killed the leading inference replica {leading[:12]}")
 
     def taken_over():
-        for container in swarm_stack.containers(**{"com.docker.swarm.service.name": f"{STACK}_inference"}):
+        for container in swarm_stack.containers(**inference):
             if container.id == leading:
                 continue
-            for line in swarm_stack.log_events([container]):
+            for line in swarm_stack.log_events(**{**inference, "com.docker.swarm.task.id": _task_id(container)}):
                 if line.get("event") == "leader.acquired":
                     at = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
                     if at > killed:
@@ -302,3 +305,7 @@ def test_when_the_leading_inference_replica_dies_another_takes_over_the_autoscal
     check_each_completed_once(api, swarm_stack, events, endpoint, jobs)
     figures["leader takeover"] = f"{took_over - killed:.1f} s after the leader was killed (lease: 6 s)"
     figures["jobs (after takeover)"] = f"{len(jobs)} completed / {len(jobs)} submitted"
+
+
+def _task_id(container) -> str:
+    return container.labels["com.docker.swarm.task.id"]
