@@ -12,6 +12,8 @@ heartbeat; a backend only knows what it asked for."""
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +21,14 @@ from shared.instance_types import InstanceType
 from shared.pools.local import LocalPool
 from shared.settings import Settings
 
-__all__ = ["LocalPool", "PoolBackend", "PoolSpec", "make_pool_backend", "worker_environment"]
+__all__ = ["LocalPool", "PoolBackend", "PoolSpec", "default_worker_id", "make_pool_backend", "worker_environment"]
+
+
+def default_worker_id() -> str:
+    """A worker's name in its pool when it is not given one: `ESD_WORKER_ID` (a swarm task's
+    name, a pod's), else this host's name and a nonce, as containers on the host's network
+    share its name."""
+    return os.environ.get("ESD_WORKER_ID") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ def deployment(spec: PoolSpec, config: KubernetesPoolConfig) -> dict[str, Any]:
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["esd-inference-worker", "--endpoint", spec.name],
                 "envFrom": [{"configMapRef": {"name": config.config_map}}, {"secretRef": {"name": config.secret}}],
+                "env": [{"name": "ESD_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                 "resources": {key: value for key, value in (("requests", requests), ("limits", limits)) if value},
                 # alive while the worker process runs; readiness is its heartbeat, read by the service
                 "livenessProbe": {"exec": {"command": ["esd-healthcheck"]}, "periodSeconds": 30, "timeoutSeconds": 10},

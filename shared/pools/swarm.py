@@ -86,7 +86,8 @@ class SwarmPool:
             "name": self.service_name(spec.name),
             "labels": labels,
             "container_labels": labels,
-            "env": [f"{key}={value}" for key, value in self.env.items()],
+            # each worker is named after its task (`<service>.<slot>.<task id>`, a template swarm fills in)
+            "env": [f"{key}={value}" for key, value in self.env.items()] + ["ESD_WORKER_ID={{.Task.Name}}"],
             "mode": ServiceMode("replicated", replicas=0),
             "networks": [self.network] if self.network else None,
             "constraints": [f"node.labels.{key}=={value}" for key, value in sorted(placement.node_labels.items())],

@@ -115,7 +115,8 @@ class LogCollector:
         while not self.stopping.is_set():
             try:
                 for container in self.client.containers.list(all=True):
-                    if container.id not in self.lines:
+                    # a container not started yet has no log to follow: the stream would end at once
+                    if container.id not in self.lines and container.status != "created":
                         self.lines[container.id] = []
                         self.labels[container.id] = dict(container.labels)
                         threading.Thread(target=self._follow, args=(container.id,), daemon=True).start()
@@ -135,9 +136,15 @@ class LogCollector:
                 self.lines[container_id].extend(complete)
         except Exception:
             pass
+        if pending:
+            self.lines[container_id].append(pending)
+        try:  # the whole log once more, while the container is still there: nothing missed
+            whole = client.logs(container_id, stdout=True, stderr=True).decode(errors="replace").splitlines()
+            if len(whole) > len(self.lines[container_id]):
+                self.lines[container_id] = whole
+        except Exception:
+            pass
         finally:
-            if pending:
-                self.lines[container_id].append(pending)
             client.close()
 
     def of(self, labels: dict[str, str]) -> list[list[str]]:

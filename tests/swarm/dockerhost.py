@@ -37,8 +37,8 @@ def run(*args: str, timeout: float = 600, check: bool = True, env: dict | None =
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=check, env=env, **kwargs)
 
 
-def docker(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None):
-    return run(DOCKER, *args, timeout=timeout, check=check, env=env)
+def docker(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None, cwd=None):
+    return run(DOCKER, *args, timeout=timeout, check=check, env=env, cwd=cwd)
 
 
 def debian_mirror() -> str:

@@ -235,7 +235,8 @@ def test_a_worker_killed_mid_job_leaves_its_job_to_another_and_every_job_complet
         return started[0] if started else None
 
     victim = wait_for(a_job_running, timeout=300, interval=0.2, what="a job to start")
-    container = swarm_stack.docker_client.containers.get(victim["worker_id"])  # its host name is its id
+    # a swarm worker is named after its task
+    (container,) = swarm_stack.containers(**{"com.docker.swarm.task.name": victim["worker_id"]})
     container.kill()  # SIGKILL: no drain, no report
     say(f"killed worker {victim['worker_id']} running {victim['inference_id']}")
     check_each_completed_once(api, swarm_stack, events, endpoint, jobs)
@@ -309,3 +310,61 @@ def test_when_the_leading_inference_replica_dies_another_takes_over_the_autoscal
 
 def _task_id(container) -> str:
     return container.labels["com.docker.swarm.task.id"]
+
+
+def test_the_production_stack_files_make_the_services_they_describe(swarm_stack):
+    """stack.yml with servers.yml and publish.yml, as the README deploys them on an overlay
+    network: every service is made as described (no replica is started: the servers' images
+    and nodes labelled for their data are not here)."""
+    import os
+
+    from tests.swarm.dockerhost import REPO_ROOT, docker
+
+    name, network = "esdprod", "esd-prod-net"
+    secret = REPO_ROOT / "deploy" / "swarm" / "s3.json"
+    created_secret = not secret.exists()
+    if created_secret:
+        secret.write_text(json.dumps({"identities": []}))
+    env = {
+        **os.environ,
+        "ESD_NETWORK": network,
+        "ESD_IMAGE": swarm_stack.env["ESD_IMAGE"],
+        "ESD_API_KEY": "k",
+        "ESD_ADMIN_PASSWORD": "p",
+        "ESD_S3_ACCESS_KEY": "a",
+        "ESD_S3_SECRET_KEY": "s",
+        **{key: "0" for key in ("ESD_GATEWAY_REPLICAS", "ESD_SERVICE_REPLICAS", "ESD_INFERENCE_REPLICAS")},
+        "ESD_TRAINING_WORKER_REPLICAS": "0",
+    }
+    files = [arg for file in ("stack.yml", "servers.yml", "publish.yml") for arg in ("-c", f"deploy/swarm/{file}")]
+    try:
+        docker("network", "create", "--driver", "overlay", "--attachable", network)
+        docker("stack", "deploy", "--resolve-image", "never", *files, name, env=env, cwd=REPO_ROOT)
+        services = {
+            service.name.removeprefix(f"{name}_"): service.attrs["Spec"]
+            for service in swarm_stack.docker_client.services.list(
+                filters={"label": f"com.docker.stack.namespace={name}"}
+            )
+        }
+        assert set(services) == {
+            "gateway", "identity", "checkpoint", "inference", "training", "training-worker", "rabbitmq", "mongo", "s3",
+        }  # fmt: skip
+        assert services["gateway"]["EndpointSpec"]["Ports"][0]["PublishedPort"] == 8080
+        inference = services["inference"]["TaskTemplate"]["ContainerSpec"]
+        assert "ESD_POOL_BACKEND=swarm" in inference["Env"]
+        assert [m["Target"] for m in inference["Mounts"]] == ["/var/run/docker.sock"]
+        assert services["inference"]["TaskTemplate"]["Placement"]["Constraints"] == ["node.role == manager"]
+        for server in ("rabbitmq", "mongo", "s3"):
+            spec = services[server]["TaskTemplate"]
+            assert spec["ContainerSpec"]["Mounts"][0]["Type"] == "volume"
+            assert spec["Placement"]["Constraints"] == ["node.labels.esd.data == true"]
+        networks = {n["Target"] for n in services["gateway"]["TaskTemplate"]["Networks"]}
+        assert len(networks) == 1
+    finally:
+        docker("stack", "rm", name, check=False)
+        if created_secret:
+            secret.unlink(missing_ok=True)
+        for _ in range(30):
+            if docker("network", "rm", network, check=False).returncode == 0:
+                break
+            time.sleep(1)

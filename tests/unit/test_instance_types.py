@@ -115,7 +115,7 @@ def test_a_swarm_pool_is_a_labelled_service_placed_by_its_instance_type():
     assert made["resources"]["Reservations"]["MemoryBytes"] == 24 * 1024**3
     assert made["stop_grace_period"] > 300 * 10**9  # past the worker's drain
     assert made["mode"]["replicated"]["Replicas"] == 0 and made["networks"] == ["esd-net"]
-    assert made["env"] == ["ESD_A=1"]
+    assert made["env"] == ["ESD_A=1", "ESD_WORKER_ID={{.Task.Name}}"]
     assert memory_bytes("512Mi") == 512 * 1024**2
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import socket
 import tempfile
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from shared.contracts.training import (
 )
 from shared.errors import Invalid
 from shared.logging import configure_logging
+from shared.pools import default_worker_id
 from shared.service import run
 from shared.settings import Settings, get_settings
 from shared.worker import WorkerRuntime
@@ -165,8 +165,7 @@ def main() -> None:
     parser.add_argument("--endpoint", default=POOL, help="the pool's name")
     # one training, then exit: a Kubernetes Job per training (KEDA's ScaledJob)
     parser.add_argument("--once", action="store_true", help="exit after one training")
-    # a container's or pod's host name is unique in its pool
-    parser.add_argument("--worker-id", default=socket.gethostname())
+    parser.add_argument("--worker-id", default=default_worker_id())
     args = parser.parse_args()
     settings = get_settings()
     configure_logging("training-worker", fmt=settings.log_format, level=settings.log_level)
