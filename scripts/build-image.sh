@@ -7,8 +7,8 @@
 #   --base IMAGE       the base image (default python:3.11-slim-bookworm; a CUDA runtime for GPU hosts)
 #   --torch-index URL  PyTorch's wheel index (default: the CPU builds)
 #   --wheelhouse DIR   build without reaching a package index: DIR is filled with wheels of every
-#                      dependency by this machine's pip (kept, so a rebuild downloads nothing) and
-#                      served to the build on a loopback port
+#                      dependency by this machine's pip (PyTorch from --torch-index when given;
+#                      kept, so a rebuild downloads nothing) and served to the build on a loopback port
 #
 # DOCKER names the docker client (default: docker).
 set -euo pipefail
@@ -46,7 +46,9 @@ if [ -n "$wheelhouse" ]; then
     "$python" -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > "$requirements"
     torch_spec=$(sed -n 's/^ARG TORCH_SPEC="\(.*\)"$/\1/p' deploy/docker/Dockerfile)
     # wheels of everything (sdists built here); what the folder has already is not fetched again
-    "$python" -m pip wheel --quiet --wheel-dir "$wheelhouse" --find-links "$wheelhouse" \
+    torch_from=()
+    [ -n "$torch_index" ] && torch_from=(--extra-index-url "$torch_index")
+    "$python" -m pip wheel --quiet --wheel-dir "$wheelhouse" --find-links "$wheelhouse" "${torch_from[@]}" \
         "$torch_spec" "setuptools>=68" -r "$requirements"
     rm -f "$requirements"
     # a fixed port when free: the URL is a build argument, and an unchanged one keeps the

@@ -31,6 +31,17 @@ def say(message: str) -> None:
     print(f"[swarm] {message}", flush=True)
 
 
+# what the tests measured, printed at the end of the run (pytest would capture it otherwise)
+FIGURES: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.section("swarm figures")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _needs_rabbitmq(rabbitmq) -> None:
     """The platform's containers use this host's RabbitMQ."""

@@ -21,7 +21,7 @@ import pytest
 
 from deploy.local.events import EventListener
 from tests.support import wait_for
-from tests.swarm.conftest import STACK, say
+from tests.swarm.conftest import FIGURES, STACK, say
 
 pytestmark = pytest.mark.swarm
 
@@ -70,16 +70,8 @@ def events(swarm_stack):
 
 
 @pytest.fixture(scope="module")
-def figures(request):
-    seen: dict[str, str] = {}
-    yield seen
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for name, value in seen.items():
-        line = f"[swarm figures] {name}: {value}"
-        if reporter is not None:
-            reporter.write_line(line)
-        else:
-            print(line)
+def figures():
+    return FIGURES
 
 
 @pytest.fixture(scope="module")
