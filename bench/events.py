@@ -93,8 +93,7 @@ def follow_amqp(
 
         await queue.consume(on_message)
         ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.1)
+        await asyncio.to_thread(stop.wait)  # the main thread's signal
         await connection.close()
 
     asyncio.run(consume())

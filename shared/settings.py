@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,6 +91,26 @@ class Settings(BaseSettings):
 
     # training: worker processes this host runs (each trains one LoRA at a time)
     training_workers: int = 1
+
+    # where workers run: `local` (processes on this host), `swarm` (a Docker service per
+    # endpoint) or `kubernetes` (a Deployment and a KEDA ScaledObject per endpoint)
+    pool_backend: Literal["local", "swarm", "kubernetes"] = "local"
+    # instance types with their placement and quota (JSON; see shared/instance_types.py);
+    # empty: the one type `local`
+    instance_types: str = ""
+    instance_types_file: Path | None = None
+    # the image swarm and Kubernetes workers run, and how their objects are named
+    worker_image: str = "esd-platform:latest"
+    pool_name_prefix: str = "esd-"
+    # swarm: the network workers join (an overlay of the stack, or `host`)
+    swarm_network: str = ""
+    # Kubernetes: the namespace of the pools (empty: the inference service's own), and the KEDA
+    # TriggerAuthentication holding RabbitMQ's management URL
+    kubernetes_namespace: str = ""
+    keda_rabbitmq_auth: str = "esd-rabbitmq-management"
+    # one inference-service replica at a time runs the autoscaler: it holds a lease in MongoDB,
+    # renewed every second; another replica takes over once it lapses
+    leader_lease_seconds: float = 6.0
 
     var_dir: Path = Path("var")
 

@@ -7,8 +7,12 @@ of every job. What a worker does with a job is its own.
 - **Ack after the effect**: the handler returns once the job's outcome is stored and reported;
   only then is the message acked. A worker killed mid-job leaves its job to be redelivered; an
   exception (the service away) puts it back on the queue.
-- **Drain**: on SIGTERM the worker stops taking jobs, finishes the one in hand (up to its
-  grace time), says it is stopping, and exits.
+- **Drain**: on SIGTERM the worker stops taking jobs (a job delivered after it goes straight
+  back to the queue), finishes the one in hand within its grace time, says it is stopping, and
+  exits. Past the grace time it gives the job back un-acked (another worker takes it; this one
+  never reports it) and exits at once, as the job's thread cannot be interrupted. Scaling a pool
+  down therefore neither loses a job nor runs one twice; the orchestrator's own grace period
+  (swarm's `stop_grace_period`, Kubernetes' `terminationGracePeriodSeconds`) must be longer.
 - **Go-ahead**: before running a job the worker asks its service; a redelivered job that
   already finished is not run twice, and one that keeps killing workers is given up.
 - **Errors**: a job that raises `shared.errors.Invalid` (the user's mistake: a bad payload, a
@@ -19,15 +23,18 @@ of every job. What a worker does with a job is its own.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import structlog
 from faststream import AckPolicy
 from faststream.rabbit import Channel
+from faststream.rabbit.annotations import RabbitMessage
 from pydantic import BaseModel
 
 from shared.contracts.workers import GoAhead, WorkerHeartbeat, WorkerState
@@ -54,14 +61,24 @@ class WorkerRuntime:
         heartbeats: str,
         grace_seconds: float,
         rpc_timeout: float = 60.0,
+        exit_after_give_back: bool = True,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.worker_id = worker_id
         self.heartbeats = heartbeats
         self.names = Names(settings.broker_prefix)
-        # on SIGTERM the job in hand may finish within this time; past it, it is redelivered
-        self.broker = create_broker(settings, graceful_timeout=grace_seconds)
+        # on SIGTERM the job in hand may finish within this time; past it, it is given back
+        self.grace_seconds = grace_seconds
+        self.exit_after_give_back = exit_after_give_back  # False in tests that drain in-process
+        # the runtime waits for the job in hand itself (`_drain`): the broker's own wait on
+        # stopping only covers the moment between a job's end and its ack
+        self.broker = create_broker(settings, graceful_timeout=2.0)
+        self._stop_requested = asyncio.Event()
+        self.draining = False
+        self.in_hand: asyncio.Task | None = None  # the job being handled, and its message
+        self.in_hand_message: Any = None
+        self.given_back = False
         self.rpc = RpcClient(settings.amqp_url, self.names.prefix, rpc_timeout)
         self.events = EventPublisher(self.broker, self.names)
         self.cache_dir = settings.var_dir.resolve() / "models"
@@ -80,11 +97,12 @@ class WorkerRuntime:
         *,
         warm_up: Callable[[], Any] | None = None,
         cancel_on: tuple[str, str] | None = None,
+        once: bool = False,
     ) -> None:
         """Warm up (the heavy imports and models, before taking any work), then take jobs from
-        `queue` one at a time until SIGTERM/SIGINT, then drain. `cancel_on` is (routing key,
-        field): an event that names the job in hand in that field cancels it (see
-        `cancelled`)."""
+        `queue` one at a time until SIGTERM/SIGINT (or, `once`, after the first job), then
+        drain. `cancel_on` is (routing key, field): an event that names the job in hand in that
+        field cancels it (see `cancelled`)."""
         async with AsyncExitStack() as stack:
             self.storage = await ObjectStore.open(self.settings, stack)
             if self.settings.worker_threads:
@@ -95,8 +113,18 @@ class WorkerRuntime:
                 await asyncio.to_thread(warm_up)
             work_queue = self.names.work_queue(queue)
 
-            async def consume(job: message) -> None:  # type: ignore[valid-type]
-                await handle(job)
+            async def consume(job: message, raw: RabbitMessage) -> None:  # type: ignore[valid-type]
+                if self.draining:  # delivered as the worker stops: back to the queue at once
+                    await raw.nack(requeue=True)
+                    return
+                self.in_hand, self.in_hand_message = asyncio.current_task(), raw
+                try:
+                    await handle(job)
+                finally:
+                    self.in_hand, self.in_hand_message = None, None
+                    if once:  # take no second job: it could be delivered as soon as this one is acked
+                        self.draining = True
+                        self.request_stop()
 
             self.broker.subscriber(work_queue, channel=Channel(prefetch_count=1), ack_policy=AckPolicy.NACK_ON_ERROR)(
                 consume
@@ -127,13 +155,58 @@ class WorkerRuntime:
             beating = asyncio.create_task(self._beat_forever())
             log.info("worker.ready", pool=self.pool, worker_id=self.worker_id)
             try:
-                await until_stopped()
+                await self._until_stopped()
             finally:
                 beating.cancel()
-            log.info("worker.stopping", worker_id=self.worker_id)
-            await self.broker.stop()  # waits for the job in hand, then stops consuming
-            self.state = WorkerState.STOPPING
+            await self._drain()
+
+    def request_stop(self) -> None:
+        """Drain and stop, as on SIGTERM."""
+        self._stop_requested.set()
+
+    async def _until_stopped(self) -> None:
+        signalled = asyncio.ensure_future(until_stopped())
+        requested = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({signalled, requested}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+            requested.cancel()
+
+    async def _drain(self) -> None:
+        """Finish the job in hand within the grace time, or give it back; then stop."""
+        self.draining = True
+        job = self.in_hand
+        log.info("worker.stopping", worker_id=self.worker_id, job_in_hand=job is not None)
+        if job is not None:
+            await asyncio.wait({job}, timeout=self.grace_seconds)
+        if self.in_hand is not None and not self.in_hand.done():
+            await self._give_back()
+            return
+        self.state = WorkerState.STOPPING
+        try:
             await self._beat()
+        except Exception:
+            log.warning("worker.heartbeat_failed", exc_info=True)
+        await self.broker.stop()
+
+    async def _give_back(self) -> None:
+        """The job in hand outlived the grace time: its message goes back to the queue un-acked,
+        for another worker; this one will not report it. The service hears the worker is gone,
+        and the process exits without waiting for the job's thread, which cannot be stopped."""
+        self.given_back = True
+        message = self.in_hand_message
+        log.warning("worker.job_given_back", worker_id=self.worker_id, grace_seconds=self.grace_seconds)
+        if message is not None:
+            await message.nack(requeue=True)
+        self.state = WorkerState.STOPPING
+        try:
+            await self._beat()
+        except Exception:
+            log.warning("worker.heartbeat_failed", exc_info=True)
+        await self.broker.stop()  # were the nack lost, closing the channel returns the message too
+        if self.exit_after_give_back:
+            os._exit(0)
 
     async def _declare_dead_letters(self, queue: str) -> None:
         dead_letters = await self.broker.declare_exchange(self.names.dead_letters)
@@ -193,20 +266,24 @@ class WorkerRuntime:
         self.current_job, self.cancel_requested = job_id, False
         await self._beat()
         try:
+            report: Callable[[], Awaitable[None]]
             try:
                 result = await work()
             except Exception as error:
                 if self.cancel_requested:
                     log.info("worker.job_canceled")
-                    if canceled is not None:
-                        await canceled()
+                    report = canceled if canceled is not None else _nothing
                 elif isinstance(error, Invalid):
-                    await failed(error.message)
+                    report = partial(failed, error.message)
                 else:  # a bug or a broken model: the job fails with what happened
                     log.exception("worker.job_crashed")
-                    await failed(f"{type(error).__name__}: {error}")
+                    report = partial(failed, f"{type(error).__name__}: {error}")
             else:
-                await succeeded(result)
+                report = partial(succeeded, result)
+            if self.given_back:  # the job went back to the queue on drain: another worker reports it
+                log.info("worker.outcome_dropped")
+                return
+            await report()
         finally:
             self.state = WorkerState.READY
             self.current_job, self.cancel_requested = None, False
@@ -243,3 +320,7 @@ class WorkerRuntime:
             raise Invalid(f"could not fetch {what}: {error}") from None
         log.info("worker.model_cached", key=key, bytes=path.stat().st_size)
         return path
+
+
+async def _nothing() -> None:
+    """No report to make: the service knows of the cancellation already."""

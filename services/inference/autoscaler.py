@@ -1,6 +1,8 @@
 """The autoscaler: once a second it sizes every pool by its backlog (the rule is
 `scaling.desired_workers`, pure and unit-tested) and fails endpoints whose first worker never
-came up. Every change it makes is logged."""
+came up. Every change it makes is logged. Only the replica of the service that holds the
+leader lease (`leader.py`) runs it; where the pool backend scales itself (Kubernetes: KEDA), it
+only watches for endpoints that never come up."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 
 import structlog
 
+from services.inference.leader import Lease
 from services.inference.scaling import PoolLimits, PoolState, desired_workers
 from services.inference.store import InferenceStore
 from shared.contracts.inference import EndpointFailed, EndpointStatus, queue_of
@@ -30,6 +33,7 @@ class Autoscaler:
         live_within: float,
         start_timeout: float,
         scale_down_after: float,
+        lease: Lease | None = None,
     ) -> None:
         self.store = store
         self.pools = pools
@@ -38,6 +42,7 @@ class Autoscaler:
         self.live_within = live_within
         self.start_timeout = start_timeout
         self.scale_down_after = scale_down_after
+        self.lease = lease
         self.last_busy: dict[str, float] = {}
 
     async def once(self) -> None:
@@ -53,7 +58,9 @@ class Autoscaler:
                 self.last_busy[name] = now
             # idle counts from when the pool went into service: never while it is starting
             since = max(self.last_busy.get(name, 0.0), endpoint.ready_at or now)
-            state = PoolState(queued=queued, busy=busy, current=self.pools.count(name), idle_seconds=now - since)
+            # a pool that scales itself is not asked each second: its live workers tell enough
+            current = len(live) if self.pools.scales_itself else await self.pools.count(name)
+            state = PoolState(queued=queued, busy=busy, current=current, idle_seconds=now - since)
             limits = PoolLimits(
                 minimum=endpoint.min,
                 maximum=endpoint.max,
@@ -61,7 +68,7 @@ class Autoscaler:
                 scale_down_after=self.scale_down_after,
             )
             wanted = desired_workers(state, limits, endpoint.initial)
-            if wanted != state.current:
+            if wanted != state.current and not self.pools.scales_itself:
                 log.info("pool.scaling", endpoint=name, queued=queued, busy=busy, current=state.current, wanted=wanted)
                 await self.pools.scale(name, wanted)
             if endpoint.status is EndpointStatus.CREATING and not live and now - endpoint.created > self.start_timeout:
@@ -73,9 +80,18 @@ class Autoscaler:
                 log.warning("endpoint.failed", endpoint=name, error=error)
 
     async def forever(self, interval: float = 1.0) -> None:
-        while True:
-            try:
-                await self.once()
-            except Exception:
-                log.exception("autoscaler.failed")
-            await asyncio.sleep(interval)
+        """Size the pools every `interval` seconds while this replica leads; on the way out, give
+        the lead back so that another replica takes over at once."""
+        try:
+            while True:
+                try:
+                    if self.lease is None or await self.lease.hold():
+                        await self.once()
+                    else:
+                        self.last_busy.clear()  # the leader's to know; read afresh on taking over
+                except Exception:
+                    log.exception("autoscaler.failed")
+                await asyncio.sleep(interval)
+        finally:
+            if self.lease is not None:
+                await asyncio.shield(self.lease.release())

@@ -148,6 +148,16 @@ def endpoint_view(endpoint: Endpoint, current: int) -> EndpointView:
     )
 
 
+def instances_held(endpoint: Endpoint) -> int:
+    """Instances an endpoint holds against its type's quota: as many as it may grow to, so that
+    autoscaling never passes the quota."""
+    return endpoint.max if endpoint.autoscaling else endpoint.initial
+
+
+def instances_in_use(endpoints: Iterable[Endpoint], instance_type: str) -> int:
+    return sum(instances_held(endpoint) for endpoint in endpoints if endpoint.instance_type == instance_type)
+
+
 def initial_workers(endpoint: Endpoint) -> int:
     """How many workers a new endpoint starts with: its initial count, within its limits when
     it autoscales."""

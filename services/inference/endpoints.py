@@ -1,6 +1,6 @@
-"""Endpoints: named pools of workers. Creating one declares its queue and starts its workers;
-the workers' heartbeats make it InService; deleting one stops its workers (running jobs finish
-first) and fails the jobs still queued."""
+"""Endpoints: named pools of workers. Creating one checks its instance type and quota, declares
+its queue, makes its pool and starts its workers; the workers' heartbeats make it InService;
+deleting one removes its pool (running jobs finish first) and fails the jobs still queued."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from shared.contracts.inference import (
     queue_of,
 )
 from shared.contracts.workers import WorkerHeartbeat, WorkerState
+from shared.instance_types import InstanceTable, check_quota, instance_type
 from shared.messaging import Names, declare_work_queue
 from shared.permissions import allows
-from shared.pools import PoolBackend
+from shared.pools import PoolBackend, PoolSpec
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +44,7 @@ class Endpoints:
         *,
         live_within: float,
         fail_job,
+        instance_types: InstanceTable | None = None,
     ) -> None:
         self.store = store
         self.pools = pools
@@ -50,6 +52,7 @@ class Endpoints:
         self.names = names
         self.live_within = live_within
         self.fail_job = fail_job  # (inference_id, reason): how a queued job of a deleted pool ends
+        self.instance_types = instance_types or {}
 
     async def create(self, command: CreateEndpoint) -> EndpointView:
         minimum, maximum = command.limits()
@@ -67,12 +70,33 @@ class Endpoints:
             owner=command.actor.username,
             created=time.time(),
         )
+        # the type must be known, and its quota must have room (a concurrent creation can still
+        # slip past it: the quota is a guard for operators, not an invariant)
+        check_quota(
+            self.instance_types,
+            endpoint.instance_type,
+            used=domain.instances_in_use(await self.store.all_endpoints(), endpoint.instance_type),
+            delta=domain.instances_held(endpoint),
+        )
         await self.store.add_endpoint(endpoint)
         await declare_work_queue(self.broker, self.names, queue_of(endpoint.name))
         count = domain.initial_workers(endpoint)
+        await self.pools.create(self._pool_spec(endpoint))
         await self.pools.scale(endpoint.name, count)
         log.info("endpoint.created", endpoint=endpoint.name, workers=count, actor=command.actor.username)
         return domain.endpoint_view(endpoint, 0)
+
+    def _pool_spec(self, endpoint: Endpoint) -> PoolSpec:
+        return PoolSpec(
+            name=endpoint.name,
+            queue=self.names.work_queue(queue_of(endpoint.name)).name,
+            instance_type=endpoint.instance_type,
+            placement=instance_type(self.instance_types, endpoint.instance_type),
+            minimum=endpoint.min,
+            maximum=endpoint.max,
+            initial=domain.initial_workers(endpoint),
+            autoscaling=endpoint.autoscaling,
+        )
 
     async def list(self, command: ListEndpoints) -> EndpointPage:
         roles = command.as_roles if command.as_roles is not None else command.actor.roles

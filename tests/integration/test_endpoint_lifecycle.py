@@ -9,11 +9,13 @@ import pytest
 
 from services.inference.autoscaler import Autoscaler
 from services.inference.endpoints import Endpoints
+from services.inference.leader import Lease
 from services.inference.store import InferenceStore
 from shared.contracts.identity import Principal
 from shared.contracts.inference import SERVICE, CreateEndpoint, EndpointStatus, ListEndpoints
 from shared.contracts.workers import WorkerHeartbeat, WorkerState
 from shared.db import mongo_client
+from shared.instance_types import InstanceType, ResourceLimitExceeded, UnknownInstanceType
 from shared.messaging import EventPublisher, Names, QueueDepths, create_broker
 from shared.outbox import Outbox
 
@@ -25,13 +27,19 @@ ADMIN = Principal(username="admin", roles=["IT Operator"], permissions=["sagemak
 class IdlePool:
     """Records what it is asked and starts nothing."""
 
+    scales_itself = False
+
     def __init__(self) -> None:
         self.sizes: dict[str, int] = {}
+        self.specs = {}
+
+    async def create(self, spec) -> None:
+        self.specs[spec.name] = spec
 
     async def scale(self, endpoint: str, count: int) -> None:
         self.sizes[endpoint] = count
 
-    def count(self, endpoint: str) -> int:
+    async def count(self, endpoint: str) -> int:
         return self.sizes.get(endpoint, 0)
 
     async def stop(self, endpoint: str) -> None:
@@ -61,7 +69,9 @@ async def inference(settings_factory):
         async def fail_job(inference_id: str, reason: str) -> None:
             raise AssertionError("no job is queued in these tests")
 
-        endpoints = Endpoints(store, pool, broker, names, live_within=6, fail_job=fail_job)
+        # the operator's table: a CPU type without limit, and ESD's name for a GPU type, 4 at most
+        table = {"cpu": InstanceType(), "ml.g5.2xlarge": InstanceType(quota=4, gpus=1, node_labels={"gpu": "a10g"})}
+        endpoints = Endpoints(store, pool, broker, names, live_within=6, fail_job=fail_job, instance_types=table)
         autoscaler = Autoscaler(store, pool, depths, names, live_within=6, start_timeout=0.5, scale_down_after=60)
         yield endpoints, autoscaler, pool
 
@@ -107,3 +117,41 @@ async def test_a_fixed_pool_is_kept_at_its_size(inference):
     pool.sizes["esd-async-fixed"] = 1  # a worker died
     await autoscaler.once()
     assert pool.sizes["esd-async-fixed"] == 2
+
+
+async def test_instance_types_place_pools_and_their_quota_is_esds_resource_limit(inference):
+    endpoints, _, pool = inference
+    gpu = {"instance_type": "ml.g5.2xlarge", "autoscaling_enabled": True}
+    await endpoints.create(body(endpoint_name="gpu-a", min_instance_number=0, max_instance_number=3, **gpu))
+    spec = pool.specs["esd-async-gpu-a"]
+    assert (spec.placement.gpus, spec.placement.node_labels, spec.maximum) == (1, {"gpu": "a10g"}, 3)
+    assert spec.queue == endpoints.names.work_queue("inference.esd-async-gpu-a").name
+
+    # 3 held (the first endpoint's maximum), 2 more asked for, 4 allowed
+    with pytest.raises(ResourceLimitExceeded) as refused:
+        await endpoints.create(body(endpoint_name="gpu-b", max_instance_number=2, **gpu))
+    assert refused.value.message == (
+        "ResourceLimitExceeded: The account-level service limit 'ml.g5.2xlarge for endpoint usage' is 4 "
+        "Instances, with current utilization of 3 Instances and a request delta of 2 Instances."
+    )
+    assert refused.value.status == 400
+    assert await endpoints.store.endpoint("esd-async-gpu-b") is None
+    await endpoints.create(body(endpoint_name="gpu-c", max_instance_number=1, **gpu))  # exactly the quota
+
+    with pytest.raises(UnknownInstanceType) as unknown:
+        await endpoints.create(body(endpoint_name="tpu", instance_type="ml.p4d.24xlarge"))
+    assert unknown.value.message == "instance_type ml.p4d.24xlarge is not known here; known: cpu, ml.g5.2xlarge"
+
+
+async def test_one_replica_leads_and_another_takes_over_when_its_lease_lapses(inference):
+    endpoints, _, _ = inference
+    leases = endpoints.store.endpoints.database["leases"]
+    first, second = (Lease(leases, "autoscaler", holder, seconds=0.5) for holder in ("first", "second"))
+    assert await first.hold()
+    assert not await second.hold()
+    assert await first.hold()  # renewed
+    await asyncio.sleep(0.6)  # the first replica stops renewing (it died)
+    assert await second.hold()
+    assert not await first.hold()
+    await second.release()  # a clean stop hands over at once
+    assert await first.hold()

@@ -129,3 +129,77 @@ async def test_a_job_that_raises_invalid_fails_with_its_message_and_a_crash_with
         await runtime.rpc.close()
         await runtime.broker.stop()
     assert reported == ["steps: must be at least 1", "KeyError: 'unet'"]
+
+
+async def _drain_scene(settings, *, grace: float, seconds: float) -> list[str]:
+    """Two chores on a queue; worker w1 is told to stop while it runs the first; then w2 starts.
+    Returns who reported what."""
+    queue = f"chores.{uuid.uuid4().hex[:6]}"
+    names = Names(settings.broker_prefix)
+    outcomes: list[str] = []
+    started = asyncio.Event()
+
+    def worker(worker_id: str, grace_seconds: float) -> tuple[WorkerRuntime, object]:
+        runtime = WorkerRuntime(
+            settings,
+            pool="chores",
+            worker_id=worker_id,
+            heartbeats="chores.heartbeat",
+            grace_seconds=grace_seconds,
+            exit_after_give_back=False,  # in-process: the test goes on
+        )
+
+        async def handle(chore: Chore) -> None:
+            async def work() -> int:
+                started.set()
+                await asyncio.sleep(seconds)
+                return chore.number
+
+            async def succeeded(number: int) -> None:
+                outcomes.append(f"{worker_id} did {number}")
+
+            async def failed(error: str) -> None:
+                outcomes.append(f"{worker_id} failed {error}")
+
+            await runtime.job(
+                CHORE_STARTED, ReportChoreStarted(number=chore.number), work, succeeded=succeeded, failed=failed
+            )
+
+        return runtime, handle
+
+    broker = create_broker(settings)
+    await broker.connect()
+    first, first_handle = worker("w1", grace)
+    second, second_handle = worker("w2", 5)
+    tasks = [asyncio.create_task(first.serve(queue, Chore, first_handle))]
+    try:
+        for _ in range(100):
+            if first.state == "ready":
+                break
+            await asyncio.sleep(0.05)
+        for number in (1, 2):
+            await send_work(broker, names, queue, Chore(number=number))
+        await asyncio.wait_for(started.wait(), 10)
+        first.request_stop()  # as SIGTERM would: a scale-down in the middle of chore 1
+        await asyncio.wait_for(tasks[0], 10)
+        tasks.append(asyncio.create_task(second.serve(queue, Chore, second_handle)))
+        for _ in range(100):
+            if len(outcomes) >= 2 and second.state == "ready":
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(seconds + 0.5)  # time for a wrong second report to show up
+    finally:
+        second.request_stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await broker.stop()
+    return outcomes
+
+
+async def test_a_stopping_worker_finishes_its_job_and_leaves_the_next_to_another(chores):
+    outcomes = await _drain_scene(chores, grace=5, seconds=0.5)
+    assert outcomes == ["w1 did 1", "w2 did 2"]
+
+
+async def test_past_its_grace_a_stopping_worker_gives_its_job_back_and_never_reports_it(chores):
+    outcomes = await _drain_scene(chores, grace=0.2, seconds=1.0)
+    assert sorted(outcomes) == ["w2 did 1", "w2 did 2"]

@@ -13,18 +13,18 @@ async def test_pools_grow_and_shrink_and_share_the_hosts_room(tmp_path):
     try:
         await pool.scale("a", 2)
         await pool.scale("b", 2)  # one place left on the host
-        assert (pool.count("a"), pool.count("b")) == (2, 1)
+        assert (await pool.count("a"), await pool.count("b")) == (2, 1)
         await pool.scale("a", 1)
         await pool.scale("b", 2)  # room again
-        assert (pool.count("a"), pool.count("b")) == (1, 2)
+        assert (await pool.count("a"), await pool.count("b")) == (1, 2)
         await pool.stop("a")
-        assert pool.count("a") == 0
+        assert await pool.count("a") == 0
     finally:
         await pool.close()
-    assert pool.count("b") == 0
+    assert await pool.count("b") == 0
 
 
 async def test_a_host_that_runs_no_workers_starts_none(tmp_path):
     pool = LocalPool(tmp_path, module="tests.sleeper", max_workers=0)
     await pool.scale("a", 4)
-    assert pool.count("a") == 0
+    assert await pool.count("a") == 0

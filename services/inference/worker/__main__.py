@@ -37,6 +37,7 @@ from shared.contracts.inference import (
 )
 from shared.errors import Invalid
 from shared.logging import configure_logging
+from shared.pools import default_worker_id
 from shared.service import run
 from shared.settings import Settings, get_settings
 from shared.worker import WorkerRuntime
@@ -285,7 +286,7 @@ class InferenceWorker:
 def main() -> None:
     parser = argparse.ArgumentParser(description="An inference worker of one endpoint's pool")
     parser.add_argument("--endpoint", required=True)
-    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--worker-id", default=default_worker_id())
     args = parser.parse_args()
     settings = get_settings()
     configure_logging("worker", fmt=settings.log_format, level=settings.log_level)

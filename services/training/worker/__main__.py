@@ -38,6 +38,7 @@ from shared.contracts.training import (
 )
 from shared.errors import Invalid
 from shared.logging import configure_logging
+from shared.pools import default_worker_id
 from shared.service import run
 from shared.settings import Settings, get_settings
 from shared.worker import WorkerRuntime
@@ -60,7 +61,7 @@ class TrainingWorker:
             grace_seconds=GRACE_SECONDS,
         )
 
-    async def run(self) -> None:
+    async def run(self, once: bool = False) -> None:
         # the heavy imports (torch, diffusers, peft) before taking work, not in a job's time
         await self.runtime.serve(
             JOBS,
@@ -68,6 +69,7 @@ class TrainingWorker:
             self.handle,
             warm_up=lambda: importlib.import_module("services.training.worker.trainer.training"),
             cancel_on=(TrainingStopRequested.routing_key, "training_id"),
+            once=once,
         )
 
     async def handle(self, job: RunTraining) -> None:
@@ -194,12 +196,14 @@ class TrainingWorker:
 def main() -> None:
     parser = argparse.ArgumentParser(description="A LoRA training worker")
     parser.add_argument("--endpoint", default=POOL, help="the pool's name")
-    parser.add_argument("--worker-id", required=True)
+    # one training, then exit: a Kubernetes Job per training (KEDA's ScaledJob)
+    parser.add_argument("--once", action="store_true", help="exit after one training")
+    parser.add_argument("--worker-id", default=default_worker_id())
     args = parser.parse_args()
     settings = get_settings()
     configure_logging("training-worker", fmt=settings.log_format, level=settings.log_level)
     structlog.contextvars.bind_contextvars(worker_id=args.worker_id)
-    run(TrainingWorker(settings, args.endpoint, args.worker_id).run())
+    run(TrainingWorker(settings, args.endpoint, args.worker_id).run(once=args.once))
 
 
 if __name__ == "__main__":

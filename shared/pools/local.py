@@ -1,10 +1,5 @@
-"""Pool backends: what starts and stops the workers of a pool (an inference endpoint, or the
-training workers).
-
-`local` runs worker processes on this host (the embedded default). `swarm` (a Docker service)
-and `kubernetes` (a Deployment scaled by KEDA) are to implement the same interface. Workers
-announce themselves by heartbeat where the service needs it; the backend only knows the
-processes it started."""
+"""The `local` pool backend: worker processes on this host (the embedded default, and the
+training service's workers). It only knows the processes it started."""
 
 from __future__ import annotations
 
@@ -14,30 +9,21 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import structlog
 
+if TYPE_CHECKING:
+    from shared.pools import PoolSpec
+
 log = structlog.get_logger(__name__)
-
-
-class PoolBackend(Protocol):
-    async def scale(self, endpoint: str, count: int) -> None:
-        """Start or stop workers until the endpoint has `count`."""
-
-    def count(self, endpoint: str) -> int:
-        """Workers started and not yet exited."""
-
-    async def stop(self, endpoint: str) -> None:
-        """Stop every worker of the endpoint, letting a running job finish first."""
-
-    async def close(self) -> None:
-        """Stop every pool (the service is shutting down)."""
 
 
 class LocalPool:
     """Worker processes on this host, one `python -m <module> --endpoint <pool> --worker-id <id>`
     each."""
+
+    scales_itself = False
 
     def __init__(
         self,
@@ -56,7 +42,10 @@ class LocalPool:
         self.held_back: dict[str, int] = {}  # pool -> workers it wanted but did not get (logged once)
         self.workers: dict[str, dict[str, asyncio.subprocess.Process]] = {}
 
-    def count(self, endpoint: str) -> int:
+    async def create(self, spec: PoolSpec) -> None:
+        pass  # a local pool is its processes: nothing to make before them
+
+    async def count(self, endpoint: str) -> int:
         return len(self._alive(endpoint))
 
     def _alive(self, endpoint: str) -> dict[str, asyncio.subprocess.Process]:
