@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # training: worker processes this host runs (each trains one LoRA at a time)
     training_workers: int = 1
 
+    # Prometheus metrics: the port this process serves `/metrics` on. Unset: none; 0: any free
+    # port (said in the process's log and in `<var>/metrics/<process>.json`, Prometheus's
+    # file-based discovery format), as the local pools give their workers.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
     var_dir: Path = Path("var")
 
     def database_name(self, service: str) -> str:

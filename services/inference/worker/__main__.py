@@ -37,6 +37,7 @@ from shared.contracts.inference import (
 )
 from shared.errors import Invalid
 from shared.logging import configure_logging
+from shared.metrics import INFERENCE_IMAGE_SECONDS, INFERENCE_STEP_SECONDS, StepClock
 from shared.service import run
 from shared.settings import Settings, get_settings
 from shared.worker import WorkerRuntime
@@ -177,14 +178,20 @@ class InferenceWorker:
         preview = (
             Preview(every=job.preview_every, show=lambda _, png: previews.append(png)) if job.preview_every else None
         )
+        clock = StepClock(INFERENCE_STEP_SECONDS.labels(endpoint=self.endpoint))
+
+        def stepped(step: int, total: int) -> None:
+            clock.step()
+            progress(step, total, final=step == total)
+
+        generating = time.perf_counter()
         result = await asyncio.to_thread(
-            self.engine.generate,
-            request,
-            files,
-            progress=lambda step, total: progress(step, total, final=step == total),
-            cancelled=self.runtime.cancelled,
-            preview=preview,
+            self.engine.generate, request, files, progress=stepped, cancelled=self.runtime.cancelled, preview=preview
         )
+        if result.images:
+            INFERENCE_IMAGE_SECONDS.labels(endpoint=self.endpoint).observe(
+                (time.perf_counter() - generating) / len(result.images)
+            )
         phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]
         for name, image in zip(names, result.images, strict=True):
