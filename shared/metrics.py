@@ -71,6 +71,10 @@ MODEL_CACHE_REQUESTS = Counter(
     "Model look-ups in a worker's caches (`disk`: files, `memory`: loaded models), hit or miss",
     ["cache", "result"],
 )
+WEBHOOK_DELIVERIES = Counter(
+    "esd_webhook_deliveries_total", "Webhook delivery attempts, by outcome (delivered, retry, dead)", ["outcome"]
+)
+WEBHOOK_SECONDS = Histogram("esd_webhook_delivery_duration_seconds", "Time of a webhook delivery attempt", ["outcome"])
 TRAINING_STEP_SECONDS = Histogram(
     "esd_training_step_seconds", "Time per training step, by training pool", ["pool"], buckets=_LONG
 )

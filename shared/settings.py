@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 API_VERSION = "1.5.0"
@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
 
     var_dir: Path = Path("var")
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # `ESD_METRICS_PORT=` turns metrics off
 
     def database_name(self, service: str) -> str:
         return f"{self.mongo_db_prefix}{service}"

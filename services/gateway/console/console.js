@@ -240,7 +240,7 @@ function progressText(text) {
 
 function setRunning(job, text = "") {
   running = job;
-  $("run").hidden = !job;
+  if (job) $("run").hidden = false; // and after the job, its last progress stays in view
   $("generate-button").disabled = Boolean(job);
   $("cancel-button").disabled = !job || !job.id;
   if (job) {
