@@ -176,8 +176,10 @@ def checkpoints_upload(
     ),
     parallel: int = typer.Option(4, help="Parts sent at once.", min=1, max=32),
 ) -> None:
-    """Upload model files as one checkpoint, in parallel parts straight to storage. An
-    interrupted upload resumes when the same command is run again."""
+    """Upload model files as one checkpoint.
+
+    The parts go in parallel straight to storage. An interrupted upload resumes when the same
+    command is run again."""
     st = state(ctx)
     upload = CheckpointUpload(st.api(), files, checkpoint_type, states=state_dir(), parallel=parallel, say=note)
     with bar(bytes_=True) as progress:
@@ -504,8 +506,10 @@ def train(
     seed: int = typer.Option(None, help="seed"),
     optimizer: str = typer.Option(None, help="optimizer_type: AdamW or AdamW8bit"),
 ) -> None:
-    """Train a LoRA on a folder of images: uploads it as a dataset, follows the epochs and the
-    loss, prints the new LoRA's name (^C stops the training; saved epochs are kept)."""
+    """Train a LoRA on a folder of images; prints the new LoRA's name.
+
+    Uploads the folder as a dataset, follows the epochs and the loss. ^C stops the training;
+    its saved epochs are kept."""
     st = state(ctx)
     api = st.api()
     data = requests.dataset_folder(folder, repeats=repeats, concept=concept)
@@ -674,8 +678,10 @@ def jobs_show(ctx: typer.Context, job_id: str = typer.Argument(..., help="A job'
 
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: str = typer.Argument(..., help="A job's or a training's id.")) -> None:
-    """Cancel a job (a queued one never runs, a running one stops at its next step) or stop a
-    training (its saved epochs stay)."""
+    """Cancel a job, or stop a training.
+
+    A queued job never runs, a running one stops at its next step; a stopped training keeps its
+    saved epochs."""
     st = state(ctx)
     api = st.api()
     try:

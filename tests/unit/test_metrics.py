@@ -102,3 +102,34 @@ def test_the_console_fetches_nothing_from_elsewhere():
     for path in console_files().values():
         text = path.read_text()
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, path
+
+
+def test_the_dashboard_shows_only_series_the_processes_have():
+    import re
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "esd.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    known = {
+        sample_name
+        for collector in REGISTRY.collect()
+        for sample_name in [collector.name, *(f"{collector.name}{s}" for s in ("_count", "_sum", "_bucket", "_total"))]
+        if collector.name.startswith("esd_")
+    }
+    used = {name for query in queries for name in re.findall(r"\besd_[a-z_]+", query)}
+    assert used and used <= known, used - known
+    assert {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name in used} >= {
+        "esd_http_request_duration_seconds",
+        "esd_rpc_call_duration_seconds",
+        "esd_queue_depth",
+        "esd_pool_workers",
+        "esd_jobs_total",
+        "esd_inference_step_seconds",
+        "esd_inference_image_seconds",
+        "esd_model_load_seconds",
+        "esd_model_cache_requests_total",
+        "esd_training_step_seconds",
+        "esd_training_loss",
+    }

@@ -188,10 +188,9 @@ class InferenceWorker:
         result = await asyncio.to_thread(
             self.engine.generate, request, files, progress=stepped, cancelled=self.runtime.cancelled, preview=preview
         )
-        if result.images:
-            INFERENCE_IMAGE_SECONDS.labels(endpoint=self.endpoint).observe(
-                (time.perf_counter() - generating) / len(result.images)
-            )
+        per_image = (time.perf_counter() - generating) / max(1, len(result.images))
+        for _ in result.images:  # one observation per image: the sum is the time, the count the images
+            INFERENCE_IMAGE_SECONDS.labels(endpoint=self.endpoint).observe(per_image)
         phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]
         for name, image in zip(names, result.images, strict=True):
