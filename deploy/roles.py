@@ -2,7 +2,7 @@
 workers': `esd-service <name>` runs a service, `esd-healthcheck [role]` tells the orchestrator
 whether this container's process is well.
 
-    esd-gateway | esd-service identity|checkpoint|inference|training
+    esd-gateway | esd-service identity|checkpoint|inference|training|webhooks
     esd-inference-worker --endpoint <name> | esd-training-worker [--once]
 """
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-SERVICES = ("identity", "checkpoint", "inference", "training")
+SERVICES = ("identity", "checkpoint", "inference", "training", "webhooks")
 ROLES = ("gateway", "service", "inference-worker", "training-worker")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from pamqp.commands import Basic
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import ErrorInfo, EsdError, Internal, Invalid, Unavailable
+from shared.metrics import RPC_CALL_SECONDS, RPC_HANDLE_SECONDS
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +78,11 @@ class Command(Generic[Req, Rep]):
 
     def queue(self, prefix: str) -> str:
         return f"{prefix}{self.service}.rpc.{self.name}"
+
+    @property
+    def label(self) -> str:
+        """How metrics name it: `<service>.<name>`."""
+        return f"{self.service}.{self.name}"
 
     def __repr__(self) -> str:
         return f"<command {self.service}.{self.name}>"
@@ -130,13 +137,19 @@ async def answer(command: Command, handler: Callable[[Any], Awaitable[Any]], req
         message = command.request.model_validate(request)
     except ValidationError as error:  # a caller's bug: say so, never crash
         return _error(Invalid(f"malformed {command.name} request: {error}"))
+    began = time.perf_counter()
+    outcome = "ok"
     try:
         result = await handler(message)
     except EsdError as error:
+        outcome = type(error).__name__
         return _error(error)
     except Exception:
+        outcome = "internal"
         log.exception("rpc.failed", command=command.name)
         return _error(Internal("internal error, see the service log"))
+    finally:
+        RPC_HANDLE_SECONDS.labels(command=command.label, outcome=outcome).observe(time.perf_counter() - began)
     return _result(result)
 
 
@@ -349,12 +362,17 @@ class RpcClient:
         if not self.flushing:
             self.flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
+        began = time.perf_counter()
         try:
             kind, body = await asyncio.wait_for(call.future, timeout)
         except TimeoutError:
+            RPC_CALL_SECONDS.labels(command=command.label, outcome="timeout").observe(time.perf_counter() - began)
             raise Unavailable(f"the {command.service} service did not answer within {timeout:g} s") from None
         finally:
             self.pending.pop(correlation_id, None)
+        RPC_CALL_SECONDS.labels(command=command.label, outcome="ok" if kind == RESULT else "error").observe(
+            time.perf_counter() - began
+        )
         if kind == ERROR:
             raise ErrorInfo.model_validate(body).to_error()
         if command.reply is None:

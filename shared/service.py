@@ -17,6 +17,7 @@ from faststream.rabbit import RabbitBroker
 from shared.idempotency import Idempotency
 from shared.logging import configure_logging
 from shared.messaging import EventPublisher, Names, create_broker, declare_event_log
+from shared.metrics import serve_metrics
 from shared.outbox import Outbox
 from shared.rpc import CheckHealth, Health, RpcClient, RpcServer, health_check
 from shared.settings import Settings, get_settings
@@ -94,6 +95,7 @@ async def serve(service: str, setup: Setup, settings: Settings | None = None) ->
             sweeping = asyncio.create_task(runtime._outbox.sweep_forever())
             stack.callback(sweeping.cancel)
         await runtime.broker.start()
+        serve_metrics(settings, service)  # before the health check answers: the stack then finds it
         await runtime.rpc.start()
         stack.push_async_callback(runtime.rpc.stop)
         log.info("service.ready", amqp=settings.amqp_url.rsplit("@", 1)[-1])

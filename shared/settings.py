@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 API_VERSION = "1.5.0"
@@ -111,8 +111,18 @@ class Settings(BaseSettings):
     # one inference-service replica at a time runs the autoscaler: it holds a lease in MongoDB,
     # renewed every second; another replica takes over once it lapses
     leader_lease_seconds: float = 6.0
+    # Prometheus metrics: the port this process serves `/metrics` on. Unset: none; 0: any free
+    # port (said in the process's log and in `<var>/metrics/<process>.json`, Prometheus's
+    # file-based discovery format), as the local pools give their workers.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     var_dir: Path = Path("var")
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # `ESD_METRICS_PORT=` turns metrics off
 
     def database_name(self, service: str) -> str:
         return f"{self.mongo_db_prefix}{service}"

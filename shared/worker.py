@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from shared.contracts.workers import GoAhead, WorkerHeartbeat, WorkerState
 from shared.errors import Invalid
 from shared.messaging import Event, EventPublisher, Names, create_broker
+from shared.metrics import MODEL_CACHE_REQUESTS, MODEL_LOAD_SECONDS, serve_metrics
 from shared.rpc import Command, RpcClient
 from shared.service import until_stopped
 from shared.settings import Settings
@@ -86,6 +87,7 @@ class WorkerRuntime:
         self.storage: ObjectStore | None = None
         self.current_job: str | None = None
         self.cancel_requested = False
+        self.metrics_port: int | None = None
 
     # --- the process ---
 
@@ -151,9 +153,10 @@ class WorkerRuntime:
             await self.broker.start()
             await self._declare_dead_letters(queue)
             await self.broker.declare_queue(self.names.heartbeat_queue(self.heartbeats))
+            self.metrics_port = serve_metrics(self.settings, f"worker-{self.worker_id}")
             self.state = WorkerState.READY
             beating = asyncio.create_task(self._beat_forever())
-            log.info("worker.ready", pool=self.pool, worker_id=self.worker_id)
+            log.info("worker.ready", pool=self.pool, worker_id=self.worker_id, metrics_port=self.metrics_port)
             try:
                 await self._until_stopped()
             finally:
@@ -214,7 +217,9 @@ class WorkerRuntime:
         await dead.bind(dead_letters, routing_key=f"{self.names.prefix}{queue}")
 
     async def _beat(self) -> None:
-        beat = WorkerHeartbeat(pool=self.pool, worker_id=self.worker_id, state=self.state, at=time.time())
+        beat = WorkerHeartbeat(
+            pool=self.pool, worker_id=self.worker_id, state=self.state, at=time.time(), metrics_port=self.metrics_port
+        )
         await self.broker.publish(
             beat.model_dump_json(), queue=self.names.heartbeat_queue(self.heartbeats), content_type="application/json"
         )
@@ -313,11 +318,15 @@ class WorkerRuntime:
             raise Invalid(f"{what}: {key} is not a model key")
         path = self.cache_dir / relative
         if path.exists():
+            MODEL_CACHE_REQUESTS.labels(cache="disk", result="hit").inc()
             return path
+        MODEL_CACHE_REQUESTS.labels(cache="disk", result="miss").inc()
+        began = time.perf_counter()
         try:
             await self.storage.download_to(key, path)
         except Exception as error:
             raise Invalid(f"could not fetch {what}: {error}") from None
+        MODEL_LOAD_SECONDS.labels(kind="download").observe(time.perf_counter() - began)
         log.info("worker.model_cached", key=key, bytes=path.stat().st_size)
         return path
 

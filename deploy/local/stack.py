@@ -10,6 +10,7 @@ data under the var folder stays.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -154,7 +155,9 @@ class LocalStack:
                 continue
             if name == "gateway" and port_open("127.0.0.1", self.gateway_port):
                 raise StackError(f"port {self.gateway_port} on 127.0.0.1 is already in use")
-            pid = process.start(self.env, cwd=REPO_ROOT)
+            # every process serves its metrics on a port of its own (their pools' workers too)
+            self.metrics_target(name).unlink(missing_ok=True)
+            pid = process.start({**self.env, "ESD_METRICS_PORT": str(free_port())}, cwd=REPO_ROOT)
             self.say(f"started {name} (pid {pid})")
         asyncio.run(self._wait_healthy(self.services))
         if self.include_gateway:
@@ -239,14 +242,39 @@ class LocalStack:
         response = httpx.get(f"{self.gateway_url}/ping", headers={"x-api-key": self.api_key}, timeout=2)
         return response.status_code == 200
 
+    @property
+    def metrics_dir(self) -> Path:
+        """Where each process says where its metrics are (Prometheus's file_sd format)."""
+        return self.var_dir / "metrics"
+
+    def metrics_target(self, process: str) -> Path:
+        return self.metrics_dir / f"{process}.json"
+
+    def metrics_urls(self) -> dict[str, str]:
+        """The /metrics URL of each process running now (workers included), by process name."""
+        urls = {}
+        for path in sorted(self.metrics_dir.glob("*.json")):
+            try:
+                groups = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written, or gone
+                continue
+            for group in groups:
+                for target in group["targets"]:
+                    urls[group["labels"]["process"]] = f"http://{target}/metrics"
+        return urls
+
     def _summary(self) -> None:
+        metrics = "".join(f"    {name:<10} {url}\n" for name, url in self.metrics_urls().items())
         self.say(
             "\nThe ESD platform is up.\n"
             f"  gateway:   {self.gateway_url}\n"
+            f"  console:   {self.gateway_url}/console/   (sign in with the API key and a user)\n"
             f"  API key:   {self.api_key}   (send it as the x-api-key header)\n"
             f"  admin:     {self.admin_username} / {self.admin_password}\n"
             f"  logs:      {self.var_dir / 'log'}\n"
             f"  secrets:   {self.secrets_file}\n"
+            f"  metrics:   Prometheus targets in {self.metrics_dir}/*.json (file_sd_configs; workers add theirs)\n"
+            f"{metrics}"
             "Stop it with `make down`."
         )
 
@@ -274,6 +302,8 @@ class LocalStack:
         if self.rabbitmq_marker.exists():
             stop_rabbitmq(self.amqp_url, self.say)
             self.rabbitmq_marker.unlink()
+        for target in self.metrics_dir.glob("*.json"):  # a killed process leaves its own behind
+            target.unlink(missing_ok=True)
         self.say("stopped; the data stays under " + str(self.var_dir))
 
     def status(self) -> dict[str, int | None]:
@@ -292,4 +322,6 @@ class LocalStack:
         self.say(f"  {'rabbitmq':<10} {answers} on {host}:{port} ({rabbit})")
         if pids.get("gateway"):
             self.say(f"gateway: {self.gateway_url}")
+        for name, url in self.metrics_urls().items():
+            self.say(f"  metrics of {name}: {url}")
         return pids

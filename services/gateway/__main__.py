@@ -6,12 +6,14 @@ import uvicorn
 
 from services.gateway.app import create_app
 from shared.logging import configure_logging
+from shared.metrics import serve_metrics
 from shared.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
     configure_logging("gateway", fmt=settings.log_format, level=settings.log_level)
+    serve_metrics(settings, "gateway")
     uvicorn.run(
         create_app(settings),
         host=settings.gateway_host,

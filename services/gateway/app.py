@@ -14,7 +14,19 @@ from faststream.rabbit import RabbitQueue
 from services.gateway.bodies import BODY_DEFINITIONS
 from services.gateway.completions import Completions
 from services.gateway.envelope import ErrorReply, ForbiddenReply, install_error_handlers
-from services.gateway.routes import asyncapi, checkpoints, endpoints, events, inferences, ping, roles, trainings, users
+from services.gateway.metrics import RequestMetrics
+from services.gateway.routes import (
+    asyncapi,
+    checkpoints,
+    endpoints,
+    events,
+    inferences,
+    ping,
+    roles,
+    trainings,
+    users,
+)
+from services.gateway.routes.console import ConsoleFiles
 from services.gateway.security import EdgeMiddleware, Principals
 from services.gateway.streams import EventLog
 from shared.contracts.inference import InferenceCanceled, InferenceFailed, InferenceSucceeded
@@ -103,6 +115,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router, prefix="/prod", include_in_schema=False)
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, api_key=api_key, max_body_bytes=settings.max_body_bytes)
+    # added last, so outside the key check: the console's files (they hold no data; its API
+    # calls carry the key), and the metrics of every request, refused ones too
+    app.add_middleware(ConsoleFiles)
+    app.add_middleware(RequestMetrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

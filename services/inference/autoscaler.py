@@ -17,6 +17,7 @@ from services.inference.store import InferenceStore
 from shared.contracts.inference import EndpointFailed, EndpointStatus, queue_of
 from shared.contracts.workers import WorkerState
 from shared.messaging import Names, QueueDepths
+from shared.metrics import POOL_BUSY_WORKERS, POOL_WORKERS, QUEUE_DEPTH
 from shared.pools import PoolBackend
 
 log = structlog.get_logger(__name__)
@@ -44,9 +45,11 @@ class Autoscaler:
         self.scale_down_after = scale_down_after
         self.lease = lease
         self.last_busy: dict[str, float] = {}
+        self.gauged: set[str] = set()  # endpoints the pool gauges show
 
     async def once(self) -> None:
         now = time.time()
+        seen: set[str] = set()
         for endpoint in await self.store.all_endpoints():
             name = endpoint.name
             if endpoint.status is EndpointStatus.DELETING:
@@ -54,6 +57,10 @@ class Autoscaler:
             live = await self.store.live_workers(name, self.live_within)
             busy = sum(1 for worker in live if worker.state is WorkerState.BUSY)
             queued = await self.depths.depth(self.names.work_queue(queue_of(name)).name)
+            seen.add(name)
+            QUEUE_DEPTH.labels(endpoint=name).set(queued)
+            POOL_WORKERS.labels(endpoint=name).set(len(live))
+            POOL_BUSY_WORKERS.labels(endpoint=name).set(busy)
             if queued or busy:
                 self.last_busy[name] = now
             # idle counts from when the pool went into service: never while it is starting
@@ -78,6 +85,11 @@ class Autoscaler:
                 )
                 await self.store.update_endpoint(name, [failed], status=EndpointStatus.FAILED, error=error)
                 log.warning("endpoint.failed", endpoint=name, error=error)
+        # deleted endpoints leave the gauges (a series per endpoint ever made would pile up)
+        for name in self.gauged - seen:
+            for gauge in (QUEUE_DEPTH, POOL_WORKERS, POOL_BUSY_WORKERS):
+                gauge.remove(name)
+        self.gauged = seen
 
     async def forever(self, interval: float = 1.0) -> None:
         """Size the pools every `interval` seconds while this replica leads; on the way out, give

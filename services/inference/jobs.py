@@ -50,6 +50,7 @@ from shared.contracts.workers import GoAhead, WorkerState
 from shared.errors import Invalid, NotFound
 from shared.esd import decode_position, encode_position, esd_time
 from shared.messaging import Names, QueueDepths, send_work
+from shared.metrics import JOBS_BY_STATUS
 from shared.net import check_public_host
 from shared.permissions import allows
 from shared.storage import ObjectStore
@@ -140,6 +141,7 @@ class Jobs:
                 )
             ],
         )
+        JOBS_BY_STATUS.labels(kind="inference", status=JobStatus.CREATED.value).inc()
         log.info("inference.created", inference_id=inference_id, endpoint=endpoint.name, actor=command.actor.username)
         return CreatedInference(
             id=inference_id,
@@ -207,6 +209,7 @@ class Jobs:
                     preview_every=job.preview_every,
                 )
                 await send_work(self.broker, self.names, queue_of(job.endpoint_name), run)
+                JOBS_BY_STATUS.labels(kind="inference", status=JobStatus.IN_PROGRESS.value).inc()
                 log.info("inference.dispatched", inference_id=job.id, endpoint=job.endpoint_name)
             job = await self.store.job(command.inference_id) or job
         return StartedInference(
@@ -346,6 +349,7 @@ class Jobs:
             image_names=report.image_names,
             info=report.info,
         ):
+            JOBS_BY_STATUS.labels(kind="inference", status=JobStatus.SUCCEEDED.value).inc()
             log.info("inference.succeeded", inference_id=report.inference_id, images=len(report.image_names))
 
     async def failed(self, report: ReportInferenceFailed) -> None:
@@ -361,6 +365,7 @@ class Jobs:
         if await self.store.transition_job(
             inference_id, _UNFINISHED, [failed], status=JobStatus.FAILED, complete_time=time.time(), error=error
         ):
+            JOBS_BY_STATUS.labels(kind="inference", status=JobStatus.FAILED.value).inc()
             log.warning("inference.failed", inference_id=inference_id, error=error)
 
     async def progressed(self, event: InferenceProgress) -> None:
@@ -390,6 +395,7 @@ class Jobs:
         if await self.store.transition_job(
             job.id, _UNFINISHED, [canceled], status=JobStatus.CANCELED, complete_time=time.time()
         ):
+            JOBS_BY_STATUS.labels(kind="inference", status=JobStatus.CANCELED.value).inc()
             log.info("inference.canceled", inference_id=job.id, actor=command.actor.username)
         else:  # it finished meanwhile
             domain.check_cancelable(await self.store.job(job.id) or job)

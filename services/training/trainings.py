@@ -46,6 +46,7 @@ from shared.contracts.workers import GoAhead
 from shared.errors import Invalid, NotFound
 from shared.esd import decode_position, encode_position, esd_time
 from shared.messaging import Names, send_work
+from shared.metrics import JOBS_BY_STATUS
 from shared.net import check_public_host
 from shared.rpc import RpcClient
 from shared.storage import ObjectStore
@@ -126,6 +127,7 @@ class Trainings:
                 fm_type=params.fm_type,
             ),
         )
+        JOBS_BY_STATUS.labels(kind="training", status=TrainingStatus.INITIAL.value).inc()
         log.info("training.queued", training_id=training_id, actor=command.actor.username)
         return CreatedTraining(
             id=training_id,
@@ -243,6 +245,7 @@ class Trainings:
             worker_id=report.worker_id,
             started=time.time(),
         )
+        JOBS_BY_STATUS.labels(kind="training", status=TrainingStatus.TRAINING.value).inc()
         return GoAhead(run=True)
 
     async def succeeded(self, report: ReportTrainingSucceeded) -> None:
@@ -264,6 +267,7 @@ class Trainings:
             output_keys=report.output_keys,
             info=report.info,
         ):
+            JOBS_BY_STATUS.labels(kind="training", status=TrainingStatus.COMPLETED.value).inc()
             log.info("training.completed", training_id=training.id, checkpoint_id=item.id, lora=item.name[0])
 
     async def _register(self, training: TrainingJob, key: str, checkpoint_id: str) -> checkpoints.CheckpointItem:
@@ -317,6 +321,7 @@ class Trainings:
             completed=time.time(),
             saved_checkpoint_ids=checkpoint_ids,
         ):
+            JOBS_BY_STATUS.labels(kind="training", status=TrainingStatus.STOPPED.value).inc()
             log.info("training.stopped", training_id=training.id, saved=len(checkpoint_ids))
 
     async def failed(self, report: ReportTrainingFailed) -> None:
@@ -329,6 +334,7 @@ class Trainings:
         if await self.store.transition(
             training.id, _UNFINISHED, [failed], status=TrainingStatus.FAILED, completed=time.time(), error=error
         ):
+            JOBS_BY_STATUS.labels(kind="training", status=TrainingStatus.FAILED.value).inc()
             log.warning("training.failed", training_id=training.id, error=error)
 
     async def progressed(self, event: TrainingProgress) -> None:

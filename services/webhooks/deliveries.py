@@ -21,6 +21,7 @@ from services.webhooks.store import WebhookStore
 from shared.contracts.webhooks import DELIVERIES, DeadDelivery
 from shared.errors import Invalid
 from shared.messaging import Names
+from shared.metrics import WEBHOOK_DELIVERIES, WEBHOOK_SECONDS
 from shared.net import check_public_host
 
 log = structlog.get_logger(__name__)
@@ -115,17 +116,23 @@ class Deliveries:
     async def _attempt(self, delivery: Delivery) -> None:
         now = time.time()
         first = delivery.first_attempt or now
+        began = time.perf_counter()
         try:
             await self._post(delivery)
         except Exception as error:
             reason = str(error) or type(error).__name__
-            if now - first >= self.retry_for:
+            outcome = "dead" if now - first >= self.retry_for else "retry"
+            WEBHOOK_DELIVERIES.labels(outcome=outcome).inc()
+            WEBHOOK_SECONDS.labels(outcome=outcome).observe(time.perf_counter() - began)
+            if outcome == "dead":
                 await self._give_up(delivery, reason)
                 return
             pause = domain.retry_pause(delivery.attempts)
             log.info("webhook.retry", delivery=delivery.id, attempts=delivery.attempts, pause=pause, error=reason)
             await self.store.update(delivery.id, first_attempt=first, next_at=time.time() + pause, last_error=reason)
             return
+        WEBHOOK_DELIVERIES.labels(outcome="delivered").inc()
+        WEBHOOK_SECONDS.labels(outcome="delivered").observe(time.perf_counter() - began)
         await self.store.update(delivery.id, status="delivered", first_attempt=first, delivered_at=time.time())
 
     async def _post(self, delivery: Delivery) -> None:

@@ -22,6 +22,7 @@ class WorkerHeartbeat(BaseModel):
     worker_id: str
     state: WorkerState
     at: float
+    metrics_port: int | None = None  # where this worker serves /metrics, when it does
 
 
 class GoAhead(BaseModel):

@@ -30,6 +30,10 @@ log = structlog.get_logger(__name__)
 KEDA_GROUP, KEDA_VERSION = "keda.sh", "v1alpha1"
 POOL_LABEL = "esd.platform/pool"  # the endpoint's name
 STOP_MARGIN_SECONDS = 30
+# where every pod serves its metrics (ESD_METRICS_PORT in deploy/kubernetes/config.yaml), and the
+# annotations that have Prometheus scrape it
+METRICS_PORT = 9100
+SCRAPE = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -100,6 +104,8 @@ def deployment(spec: PoolSpec, config: KubernetesPoolConfig) -> dict[str, Any]:
                 "command": ["esd-inference-worker", "--endpoint", spec.name],
                 "envFrom": [{"configMapRef": {"name": config.config_map}}, {"secretRef": {"name": config.secret}}],
                 "env": [{"name": "ESD_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                # Prometheus metrics: ESD_METRICS_PORT comes from the config map, as for every pod
+                "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
                 "resources": {key: value for key, value in (("requests", requests), ("limits", limits)) if value},
                 # alive while the worker process runs; readiness is its heartbeat, read by the service
                 "livenessProbe": {"exec": {"command": ["esd-healthcheck"]}, "periodSeconds": 30, "timeoutSeconds": 10},
@@ -120,7 +126,7 @@ def deployment(spec: PoolSpec, config: KubernetesPoolConfig) -> dict[str, Any]:
         "spec": {
             "replicas": spec.initial,
             "selector": {"matchLabels": {POOL_LABEL: spec.name}},
-            "template": {"metadata": {"labels": labels(spec.name)}, "spec": pod},
+            "template": {"metadata": {"labels": labels(spec.name), "annotations": SCRAPE}, "spec": pod},
         },
     }
 

@@ -93,10 +93,14 @@ class LocalPool:
 
     def _worker_env(self, host_total: int) -> dict[str, str]:
         """The workers of this host share its cores: each new one gets its part, unless the
-        operator named a thread count."""
-        if self.env.get("ESD_WORKER_THREADS"):
-            return self.env
-        return {**self.env, "ESD_WORKER_THREADS": str(max(1, (os.cpu_count() or 1) // max(host_total, 1)))}
+        operator named a thread count. Where the service serves metrics, each worker serves its
+        own on a free port (the service's port is taken)."""
+        env = dict(self.env)
+        if env.get("ESD_METRICS_PORT"):
+            env["ESD_METRICS_PORT"] = "0"
+        if not env.get("ESD_WORKER_THREADS"):
+            env["ESD_WORKER_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(host_total, 1)))
+        return env
 
     async def _stop(self, endpoint: str, worker_id: str) -> None:
         process = self.workers.get(endpoint, {}).pop(worker_id, None)

@@ -22,7 +22,7 @@ from tests.swarm.dockerhost import DOCKER, REPO_ROOT, DockerHost, DockerUnavaila
 
 IMAGE = "esd-platform:e2e"
 STACK = "esde2e"
-SERVICES = ("identity", "checkpoint", "inference", "training")
+SERVICES = ("identity", "checkpoint", "inference", "training", "webhooks")
 
 pytestmark = pytest.mark.swarm
 
@@ -220,6 +220,7 @@ def swarm_stack(docker_host, tmp_path_factory) -> Iterator[SwarmStack]:
         "ESD_S3_SECRET_KEY": servers.s3_secret_key,
         "ESD_API_KEY": servers.api_key,
         "ESD_ADMIN_PASSWORD": servers.admin_password,
+        "ESD_WEBHOOK_SECRET": servers.webhook_secret,
         "ESD_GATEWAY_PORT": str(gateway_port),
         "ESD_GATEWAY_REPLICAS": "1",  # one port on one host
         "ESD_SERVICE_REPLICAS": "1",

@@ -323,6 +323,7 @@ def test_the_production_stack_files_make_the_services_they_describe(swarm_stack)
         "ESD_IMAGE": swarm_stack.env["ESD_IMAGE"],
         "ESD_API_KEY": "k",
         "ESD_ADMIN_PASSWORD": "p",
+        "ESD_WEBHOOK_SECRET": "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0",
         "ESD_S3_ACCESS_KEY": "a",
         "ESD_S3_SECRET_KEY": "s",
         **{key: "0" for key in ("ESD_GATEWAY_REPLICAS", "ESD_SERVICE_REPLICAS", "ESD_INFERENCE_REPLICAS")},
@@ -339,7 +340,7 @@ def test_the_production_stack_files_make_the_services_they_describe(swarm_stack)
             )
         }
         assert set(services) == {
-            "gateway", "identity", "checkpoint", "inference", "training", "training-worker", "rabbitmq", "mongo", "s3",
+            "gateway", "identity", "checkpoint", "inference", "training", "webhooks", "training-worker", "rabbitmq", "mongo", "s3",
         }  # fmt: skip
         assert services["gateway"]["EndpointSpec"]["Ports"][0]["PublishedPort"] == 8080
         inference = services["inference"]["TaskTemplate"]["ContainerSpec"]

@@ -97,6 +97,7 @@ def test_deployments_select_their_own_pods_and_probe_them():
         "esd-checkpoint",
         "esd-inference",
         "esd-training",
+        "esd-webhooks",
     }
     for document in deployments:
         selector = document["spec"]["selector"]["matchLabels"]
@@ -120,7 +121,7 @@ def test_only_the_inference_service_may_manage_pools():
         (group, resource) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]
     }
     assert granted == {("apps", "deployments"), ("apps", "deployments/scale"), ("keda.sh", "scaledobjects")}
-    for name in ("esd-gateway", "esd-identity", "esd-checkpoint", "esd-training"):
+    for name in ("esd-gateway", "esd-identity", "esd-checkpoint", "esd-training", "esd-webhooks"):
         assert deployments[name]["spec"]["template"]["spec"].get("serviceAccountName") is None
 
 
@@ -234,3 +235,31 @@ def test_the_validation_catches_a_broken_object():
     del scaler["spec"]["scaleTargetRef"]
     scaler["spec"]["triggers"][0]["metadata"]["value"] = 1  # KEDA's metadata are strings
     assert len(problems(scaler)) == 2
+
+
+def _pod_templates() -> list[tuple[str, dict]]:
+    found = []
+    for name, document in MANIFEST_LIST:
+        spec = document.get("spec", {})
+        template = spec.get("template") or spec.get("jobTargetRef", {}).get("template")
+        if template:
+            found.append((name, template))
+    found.append(("generated pool", deployment(SPECS[0], CONFIG)["spec"]["template"]))
+    return found
+
+
+def test_every_pod_serves_its_metrics_where_its_annotations_say():
+    (config,) = [document for _, document in MANIFEST_LIST if document["kind"] == "ConfigMap"]
+    port = int(config["data"]["ESD_METRICS_PORT"])
+    assert config["data"]["ESD_METRICS_HOST"] == "0.0.0.0"  # reachable from Prometheus' pod
+    templates = _pod_templates()
+    assert len(templates) == 8  # gateway, five services, training workers, an endpoint's pool
+    for name, template in templates:
+        annotations = template["metadata"].get("annotations", {})
+        assert annotations == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": "/metrics",
+        }, name
+        (container,) = template["spec"]["containers"]
+        assert {"name": "metrics", "containerPort": port} in container["ports"], name

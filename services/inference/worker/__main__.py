@@ -37,6 +37,7 @@ from shared.contracts.inference import (
 )
 from shared.errors import Invalid
 from shared.logging import configure_logging
+from shared.metrics import INFERENCE_IMAGE_SECONDS, INFERENCE_STEP_SECONDS, StepClock
 from shared.pools import default_worker_id
 from shared.service import run
 from shared.settings import Settings, get_settings
@@ -178,14 +179,19 @@ class InferenceWorker:
         preview = (
             Preview(every=job.preview_every, show=lambda _, png: previews.append(png)) if job.preview_every else None
         )
+        clock = StepClock(INFERENCE_STEP_SECONDS.labels(endpoint=self.endpoint))
+
+        def stepped(step: int, total: int) -> None:
+            clock.step()
+            progress(step, total, final=step == total)
+
+        generating = time.perf_counter()
         result = await asyncio.to_thread(
-            self.engine.generate,
-            request,
-            files,
-            progress=lambda step, total: progress(step, total, final=step == total),
-            cancelled=self.runtime.cancelled,
-            preview=preview,
+            self.engine.generate, request, files, progress=stepped, cancelled=self.runtime.cancelled, preview=preview
         )
+        per_image = (time.perf_counter() - generating) / max(1, len(result.images))
+        for _ in result.images:  # one observation per image: the sum is the time, the count the images
+            INFERENCE_IMAGE_SECONDS.labels(endpoint=self.endpoint).observe(per_image)
         phase("generate")
         names = [f"image_{n}.png" for n in range(len(result.images))]
         for name, image in zip(names, result.images, strict=True):

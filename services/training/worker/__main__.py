@@ -38,6 +38,7 @@ from shared.contracts.training import (
 )
 from shared.errors import Invalid
 from shared.logging import configure_logging
+from shared.metrics import TRAINING_EPOCH, TRAINING_LOSS, TRAINING_STEP_SECONDS, StepClock
 from shared.pools import default_worker_id
 from shared.service import run
 from shared.settings import Settings, get_settings
@@ -134,6 +135,14 @@ class TrainingWorker:
             ),
             every=PROGRESS_EVERY_SECONDS,
         )
+        clock = StepClock(TRAINING_STEP_SECONDS.labels(pool=self.runtime.pool))
+
+        def stepped(report) -> None:
+            clock.step()
+            TRAINING_LOSS.labels(pool=self.runtime.pool).set(float(report.loss))
+            TRAINING_EPOCH.labels(pool=self.runtime.pool).set(report.epoch)
+            progress(report, final=report.step == report.steps)
+
         with tempfile.TemporaryDirectory(prefix="esd-train-") as work:
             data = Path(work) / "data"
             await self._dataset(job.data_prefix, data)
@@ -146,7 +155,7 @@ class TrainingWorker:
                     config,
                     out,
                     device=self.runtime.device(),
-                    progress=lambda report: progress(report, final=report.step == report.steps),
+                    progress=stepped,
                     cancelled=self.runtime.cancelled,
                 )
             except Exception:
@@ -160,6 +169,7 @@ class TrainingWorker:
             "seed": result.seed,
             "seconds": round(result.seconds, 3),
             "final_loss": result.losses[-1] if result.losses else None,
+            "loss_curve": loss_curve(result.losses),
             "warnings": result.warnings,
         }
         log.info("training_worker.done", **{k: v for k, v in info.items() if k != "warnings"})
@@ -191,6 +201,16 @@ class TrainingWorker:
             target = folder / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(await storage.get(key))
+
+
+def loss_curve(losses: list[float], points: int = 200) -> list[list[float]]:
+    """[step, loss] pairs for a chart: every step's, or `points` of them evenly spread (the
+    first and the last included) when there are more."""
+    if len(losses) <= points:
+        chosen = range(len(losses))
+    else:
+        chosen = sorted({round(i * (len(losses) - 1) / (points - 1)) for i in range(points)})
+    return [[index + 1, round(float(losses[index]), 6)] for index in chosen]
 
 
 def main() -> None:

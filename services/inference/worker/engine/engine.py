@@ -44,6 +44,7 @@ from services.inference.worker.engine.request import MAX_SEED, GenerationRequest
 from services.inference.worker.engine.samplers import SamplerChoice, resolve_sampler
 from services.inference.worker.engine.upscalers import Upscalers
 from shared.errors import Invalid
+from shared.metrics import MODEL_CACHE_REQUESTS, MODEL_LOAD_SECONDS
 
 Progress = Callable[[int, int], None]
 Cancelled = Callable[[], bool]
@@ -451,17 +452,20 @@ class Engine:
     def _controlnet(self, path: Path, loaded: LoadedCheckpoint, index: int) -> ControlNetModel:
         cache_key = (_FileKey.of(path), loaded.architecture.name)
         if cache_key in self._controlnets:
+            _cache_hit()
             self._controlnets.move_to_end(cache_key)
             return self._controlnets[cache_key]
         while len(self._controlnets) >= self.max_controlnets:
             self._controlnets.popitem(last=False)
             self._release_memory()
+        began = time.perf_counter()
         try:
             model = load_controlnet(
                 cache_key[0].path, architecture=loaded.architecture, device=self.device, dtype=self.dtype
             )
         except Invalid as error:
             raise IncompatibleModel(f"alwayson_scripts.controlnet.args[{index}].model: {error.message}") from error
+        _loaded("controlnet", began)
         self.controlnet_loads += 1
         self._controlnets[cache_key] = model
         return model
@@ -471,6 +475,7 @@ class Engine:
     def _checkpoint(self, path: Path) -> LoadedCheckpoint:
         key = _FileKey.of(path)
         if key in self._checkpoints:
+            _cache_hit()
             self._checkpoints.move_to_end(key)
             return self._checkpoints[key]
         while len(self._checkpoints) >= self.max_pipelines:
@@ -478,7 +483,9 @@ class Engine:
             for vae_key in [vae_key for vae_key in self._vaes if vae_key[0] == evicted]:
                 del self._vaes[vae_key]
             self._release_memory()
+        began = time.perf_counter()
         loaded = load_checkpoint(key.path, device=self.device, dtype=self.dtype)
+        _loaded("checkpoint", began)
         self.loads += 1
         self._checkpoints[key] = loaded
         return loaded
@@ -486,12 +493,15 @@ class Engine:
     def _vae(self, path: Path, loaded: LoadedCheckpoint) -> AutoencoderKL:
         cache_key = (_FileKey.of(path), loaded.architecture.name)
         if cache_key in self._vaes:
+            _cache_hit()
             self._vaes.move_to_end(cache_key)
             return self._vaes[cache_key]
         while len(self._vaes) >= self.max_pipelines:
             self._vaes.popitem(last=False)
             self._release_memory()
+        began = time.perf_counter()
         vae = load_vae(cache_key[0].path, architecture=loaded.architecture, device=self.device, dtype=self.dtype)
+        _loaded("vae", began)
         self.vae_loads += 1
         self._vaes[cache_key] = vae
         return vae
@@ -536,6 +546,16 @@ class Engine:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _cache_hit() -> None:
+    MODEL_CACHE_REQUESTS.labels(cache="memory", result="hit").inc()
+
+
+def _loaded(kind: str, began: float) -> None:
+    """A model of `kind` was not in memory and took since `began` to load."""
+    MODEL_CACHE_REQUESTS.labels(cache="memory", result="miss").inc()
+    MODEL_LOAD_SECONDS.labels(kind=kind).observe(time.perf_counter() - began)
 
 
 class _StepCounter:
