@@ -32,13 +32,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import structlog
+from aiormq.exceptions import AMQPError
 from faststream import AckPolicy
 from faststream.rabbit import Channel
 from faststream.rabbit.annotations import RabbitMessage
 from pydantic import BaseModel
 
 from shared.contracts.workers import GoAhead, WorkerHeartbeat, WorkerState
-from shared.errors import Invalid
+from shared.errors import Invalid, Unavailable
 from shared.messaging import Event, EventPublisher, Names, create_broker
 from shared.metrics import MODEL_CACHE_REQUESTS, MODEL_LOAD_SECONDS, serve_metrics
 from shared.rpc import Command, RpcClient
@@ -47,6 +48,10 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 
 log = structlog.get_logger(__name__)
+
+# what puts a job back on its queue rather than dead-lettering it: the service did not answer
+# or the connection dropped; worth another try once it is back
+TRANSIENT = (Unavailable, ConnectionError, OSError, TimeoutError, AMQPError)
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
@@ -122,6 +127,13 @@ class WorkerRuntime:
                 self.in_hand, self.in_hand_message = asyncio.current_task(), raw
                 try:
                     await handle(job)
+                except TRANSIENT:
+                    raise  # the service or the broker is away: back to the queue (nack), retried
+                except Exception:
+                    # a bug in the handling, not in the job's work (that fails the job): retried,
+                    # it would fail again forever; the dead-letter queue keeps it for a person
+                    log.exception("worker.job_dead_lettered")
+                    await raw.reject(requeue=False)
                 finally:
                     self.in_hand, self.in_hand_message = None, None
                     if once:  # take no second job: it could be delivered as soon as this one is acked

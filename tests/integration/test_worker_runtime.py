@@ -131,6 +131,42 @@ async def test_a_job_that_raises_invalid_fails_with_its_message_and_a_crash_with
     assert reported == ["steps: must be at least 1", "KeyError: 'unet'"]
 
 
+async def test_a_bug_in_the_handling_dead_letters_the_job_once_instead_of_looping(chores):
+    settings = chores
+    queue = f"chores.{uuid.uuid4().hex[:6]}"
+    runtime = WorkerRuntime(settings, pool="chores", worker_id="w3", heartbeats="chores.heartbeat", grace_seconds=5)
+    calls: list[int] = []
+
+    async def handle(chore: Chore) -> None:
+        calls.append(chore.number)
+        raise TypeError("a bug outside the job's work")
+
+    serving = asyncio.create_task(runtime.serve(queue, Chore, handle))
+    broker = create_broker(settings)
+    await broker.connect()
+    names = Names(settings.broker_prefix)
+    try:
+        for _ in range(100):
+            if runtime.state == "ready":
+                break
+            await asyncio.sleep(0.05)
+        await send_work(broker, names, queue, Chore(number=7))
+        dead = await broker.declare_queue(names.dead_letter_queue(queue))
+        message = None
+        for _ in range(100):
+            message = await dead.get(no_ack=True, fail=False)
+            if message is not None:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # time enough for a redelivery loop to show
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await broker.stop()
+    assert message is not None and Chore.model_validate_json(message.body).number == 7
+    assert calls == [7]  # handled once, not redelivered
+
+
 async def _drain_scene(settings, *, grace: float, seconds: float) -> list[str]:
     """Two chores on a queue; worker w1 is told to stop while it runs the first; then w2 starts.
     Returns who reported what."""
@@ -162,7 +198,12 @@ async def _drain_scene(settings, *, grace: float, seconds: float) -> list[str]:
                 outcomes.append(f"{worker_id} failed {error}")
 
             await runtime.job(
-                CHORE_STARTED, ReportChoreStarted(number=chore.number), work, succeeded=succeeded, failed=failed
+                CHORE_STARTED,
+                ReportChoreStarted(number=chore.number),
+                work,
+                job_id=str(chore.number),
+                succeeded=succeeded,
+                failed=failed,
             )
 
         return runtime, handle
