@@ -114,8 +114,18 @@ def serve_metrics(settings: Settings, process: str) -> int | None:
     path = targets_dir(settings) / f"{process}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([{"targets": [target], "labels": {"process": process}}]))
-        atexit.register(path.unlink, missing_ok=True)
+        content = json.dumps([{"targets": [target], "labels": {"process": process}}])
+        path.write_text(content)
+        atexit.register(_remove_if_ours, path, content)
     except OSError as error:  # a read-only var folder: the log says where the metrics are
         log.warning("metrics.target_not_written", path=str(path), error=str(error))
     return port
+
+
+def _remove_if_ours(path: Path, content: str) -> None:
+    """At exit, a process removes its target unless a successor of the same name rewrote it."""
+    try:
+        if path.read_text() == content:
+            path.unlink()
+    except OSError:
+        pass

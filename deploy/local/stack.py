@@ -251,7 +251,9 @@ class LocalStack:
         return self.metrics_dir / f"{process}.json"
 
     def metrics_urls(self) -> dict[str, str]:
-        """The /metrics URL of each process running now (workers included), by process name."""
+        """The /metrics URL of each process running now (workers included), by process name.
+        A process killed with SIGKILL leaves its target behind: one whose port no longer answers
+        is left out."""
         urls = {}
         for path in sorted(self.metrics_dir.glob("*.json")):
             try:
@@ -260,7 +262,9 @@ class LocalStack:
                 continue
             for group in groups:
                 for target in group["targets"]:
-                    urls[group["labels"]["process"]] = f"http://{target}/metrics"
+                    host, _, port = target.rpartition(":")
+                    if port_open(host, int(port)):
+                        urls[group["labels"]["process"]] = f"http://{target}/metrics"
         return urls
 
     def _summary(self) -> None:
