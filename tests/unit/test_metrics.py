@@ -2,15 +2,17 @@
 where workers serve theirs, and which files /console serves ahead of the key check."""
 
 import json
+import socket
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Histogram
 
+from deploy.local.stack import LocalStack
 from services.gateway.metrics import RequestMetrics
 from services.gateway.routes.console import ConsoleFiles, console_files
 from services.training.worker.__main__ import loss_curve
-from shared.metrics import HTTP_REQUEST_SECONDS, StepClock, serve_metrics
+from shared.metrics import HTTP_REQUEST_SECONDS, StepClock, _remove_if_ours, serve_metrics
 from shared.pools import LocalPool
 from shared.settings import Settings
 
@@ -70,6 +72,27 @@ def test_a_process_says_where_its_metrics_are(tmp_path):
     assert port
     target = json.loads((tmp_path / "metrics" / "worker-w1.json").read_text())
     assert target == [{"targets": [f"127.0.0.1:{port}"], "labels": {"process": "worker-w1"}}]
+
+
+def test_the_stack_lists_only_targets_whose_process_still_answers(tmp_path):
+    port = serve_metrics(Settings(var_dir=tmp_path, metrics_port=0), "worker-alive")
+    with socket.socket() as closed:  # a port nothing listens on: a process killed with SIGKILL
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    stale = [{"targets": [f"127.0.0.1:{dead}"], "labels": {"process": "worker-killed"}}]
+    (tmp_path / "metrics" / "worker-killed.json").write_text(json.dumps(stale))
+    urls = LocalStack(tmp_path, quiet=True).metrics_urls()
+    assert urls == {"worker-alive": f"http://127.0.0.1:{port}/metrics"}
+
+
+def test_a_process_leaves_a_successors_target_alone_at_exit(tmp_path):
+    path = tmp_path / "w.json"
+    path.write_text("mine")
+    _remove_if_ours(path, "mine")
+    assert not path.exists()
+    path.write_text("the successor's")
+    _remove_if_ours(path, "mine")
+    assert path.read_text() == "the successor's"
 
 
 def console_client() -> TestClient:
