@@ -88,12 +88,14 @@ def serve_gateway() -> None:
     from shared.contracts.identity import SERVICE, Principal, UserList
     from shared.db import mongo_client
     from shared.logging import configure_logging
+    from shared.outbox import Outbox
     from shared.settings import get_settings
 
     settings = get_settings()
     configure_logging("gateway", fmt=settings.log_format, level=settings.log_level)
     app = create_app(settings)
-    store = IdentityStore(mongo_client(settings)[settings.database_name(SERVICE)])
+    # the baseline route only reads: its store has no event to relay
+    store = IdentityStore(mongo_client(settings)[settings.database_name(SERVICE)], Outbox(publisher=None))
 
     @app.get("/bench/users", include_in_schema=False)
     async def users_in_process(principal: Principal = Depends(current_principal)):
@@ -146,6 +148,10 @@ def main() -> None:
             )
             try:
                 run(wrk, stack, args.seconds, args.users)
+            except SystemExit:
+                gateway_log.flush()
+                print((Path(var) / "bench-gateway.log").read_text()[-4000:], file=sys.stderr)
+                raise
             finally:
                 gateway.terminate()
                 gateway.wait(10)
