@@ -8,7 +8,11 @@ no secret ever lands in a log line.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,6 +468,32 @@ def test_failed_password_checks_are_limited_per_user(tok, token_stack):
     )
     # another user from the same address is not limited by it
     assert tok("POST", "/tokens", json={"username": "admin", "password": token_stack.admin_password}).status_code == 201
+
+
+def test_the_cli_signs_in_with_a_password_and_uses_its_token(token_stack, tok, tmp_path):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ESD_")},
+        "ESD_CONFIG": str(tmp_path / "config.json"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+
+    def esd(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=120, **kwargs
+        )
+
+    login = ["login", "--url", token_stack.gateway_url, "--key", token_stack.api_key, "--user", "admin"]
+    refused = esd(*login)  # a user without a token is nobody in the token mode
+    assert refused.returncode == 1 and "esd login --password" in refused.stderr, refused.stderr
+    signed_in = esd(*login, "--password", input=token_stack.admin_password + "\n")
+    assert signed_in.returncode == 0, signed_in.stderr
+    token = json.loads((tmp_path / "config.json").read_text())["token"]
+    assert token.startswith("esd_")
+    listed = esd("--json", "checkpoints", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert esd("logout").returncode == 0
+    assert tok("GET", "/users", token=token).status_code == 401  # revoked
+    assert esd("checkpoints", "list").returncode == 1
 
 
 # --- no secret in any log ---------------------------------------------------------------------

@@ -35,7 +35,7 @@ async def create_token(request: Request, body: CreateTokenBody = Depends(json_bo
     return respond(201, issued, message="token created")
 
 
-@router.delete("/tokens", status_code=204, responses=answers({204: None}, 401))
+@router.delete("/tokens", status_code=204, responses=answers({204: None}, 400, 401))
 async def delete_tokens(
     request: Request,
     all: bool = Query(False, description="revoke every token of the caller's user"),
