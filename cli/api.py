@@ -48,11 +48,10 @@ def parse_events(lines: Iterator[str]) -> Iterator[Event]:
 class Api:
     def __init__(self, config: Config, *, timeout: float = 60.0) -> None:
         self.config = config
-        self.http = httpx.Client(
-            base_url=config.url.rstrip("/"),
-            headers={"x-api-key": config.api_key, "username": config.user, "user-agent": "esd-cli"},
-            timeout=timeout,
-        )
+        headers = {"x-api-key": config.api_key, "username": config.user, "user-agent": "esd-cli"}
+        if config.token:  # names the user by itself; the only way in the token auth mode
+            headers["authorization"] = f"Bearer {config.token}"
+        self.http = httpx.Client(base_url=config.url.rstrip("/"), headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self.http.close()
@@ -117,6 +116,10 @@ def unwrap(response: httpx.Response) -> dict[str, Any]:
     message = body.get("message") if isinstance(body, dict) else None
     if response.status_code == 403 and message == "Forbidden":
         message = "Forbidden: the API key is wrong (see `esd login`)"
+    elif response.status_code == 401 and response.request.headers.get("authorization"):
+        message = f"{message or 'Unauthorized'} (run `esd login --password` for a new token)"
+    elif response.status_code == 401 and (message or "").startswith("Unauthorized: this deployment needs"):
+        message = f"{message} (run `esd login --password`)"
     elif response.status_code == 401:
         message = f"Unauthorized: no user {response.request.headers.get('username')!r} (see `esd login`)"
     raise ApiError(f"{message or response.reason_phrase} (HTTP {response.status_code})")

@@ -3,7 +3,8 @@
 `esd login` writes them into a JSON file that only its owner may read or write (mode 0600, in a
 0700 folder): `$ESD_CONFIG`, else `$XDG_CONFIG_HOME/esd/config.json`, else
 `~/.config/esd/config.json`. The environment overrides the file field by field: `ESD_URL`,
-`ESD_API_KEY`, `ESD_USER`."""
+`ESD_API_KEY`, `ESD_USER`, `ESD_TOKEN` (a bearer token from `POST /tokens`, which a server in
+the token auth mode requires; `esd login --password` gets one)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-ENVIRONMENT = {"url": "ESD_URL", "api_key": "ESD_API_KEY", "user": "ESD_USER"}
+ENVIRONMENT = {"url": "ESD_URL", "api_key": "ESD_API_KEY", "user": "ESD_USER", "token": "ESD_TOKEN"}
 
 
 class ConfigError(Exception):
@@ -27,6 +28,7 @@ class Config:
     url: str = DEFAULT_URL
     api_key: str = ""
     user: str = ""
+    token: str = ""
 
     def with_environment(self, env: Mapping[str, str]) -> Config:
         """The file's values, each replaced by its environment variable when that is set."""
@@ -34,8 +36,10 @@ class Config:
         return replace(self, **overrides)
 
     def checked(self) -> Config:
-        """Itself, when it names a key and a user."""
+        """Itself, when it names a key and a user (or holds a token, which names its user)."""
         missing = [ENVIRONMENT[field] for field in ("api_key", "user") if not getattr(self, field)]
+        if self.token and missing == [ENVIRONMENT["user"]]:
+            return self
         if missing:
             raise ConfigError(f"not signed in: run `esd login` (or set {' and '.join(missing)})")
         return self

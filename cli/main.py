@@ -116,8 +116,15 @@ def login(
     url: str = typer.Option(None, help="The gateway's URL.", show_default=False),
     key: str = typer.Option(None, "--key", help="The API key (asked for when not given)."),
     user: str = typer.Option(None, help="The user to act as."),
+    password: bool = typer.Option(
+        False,
+        "--password",
+        help="Sign in with the user's password (asked for) and keep a bearer token instead: what a "
+        "server in the token auth mode (ESD_AUTH_MODE=token) requires.",
+    ),
+    token: str = typer.Option(None, "--token", help="A bearer token from POST /tokens to use."),
 ) -> None:
-    """Remember the gateway, the API key and the user (in a file only you can read)."""
+    """Remember the gateway, the API key and the user or token (in a file only you can read)."""
     path = configuration.config_path()
     try:
         current = configuration.load(path)
@@ -126,9 +133,14 @@ def login(
     url = url or typer.prompt("Gateway URL", default=current.url)
     key = key or typer.prompt("API key", hide_input=True, default=current.api_key or None)
     user = user or typer.prompt("User", default=current.user or None)
-    chosen = configuration.Config(url=url.rstrip("/"), api_key=key, user=user)
+    chosen = configuration.Config(url=url.rstrip("/"), api_key=key, user=user, token=token or "")
     api = Api(chosen)
     api.call("GET", "/ping")
+    if password:
+        secret = typer.prompt(f"Password of {user}", hide_input=True)
+        issued = api.call("POST", "/tokens", json={"username": user, "password": secret})
+        chosen = configuration.Config(url=chosen.url, api_key=key, user=user, token=issued["token"])
+        api = Api(chosen)
     api.call("GET", "/users", params={"username": user})  # 401 when there is no such user
     configuration.save(path, chosen)
     emit(
@@ -147,6 +159,21 @@ def ping(ctx: typer.Context) -> None:
     api.call("GET", "/ping")
     ms = round((time.perf_counter() - began) * 1000, 1)
     emit(st, {"url": api.config.url, "ms": ms}, lambda: out.print(f"pong from {api.config.url} in {ms} ms"))
+
+
+@app.command()
+def logout(ctx: typer.Context) -> None:
+    """Revoke the kept bearer token (if any) and forget it."""
+    path = configuration.config_path()
+    current = configuration.load(path)
+    if current.token:
+        Api(current).call("DELETE", "/tokens")
+        configuration.save(path, configuration.Config(url=current.url, api_key=current.api_key, user=current.user))
+    emit(
+        state(ctx),
+        {"revoked": bool(current.token)},
+        lambda: out.print("signed out" if current.token else "no token kept"),
+    )
 
 
 # --- checkpoints ------------------------------------------------------------------------------

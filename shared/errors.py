@@ -52,6 +52,12 @@ class PayloadTooLarge(EsdError):
     status = 413
 
 
+class TooManyRequests(EsdError):
+    """Refused for now (too many failed sign-ins): the message says when to try again."""
+
+    status = 429
+
+
 class Unavailable(EsdError):
     """A service did not answer in time: the caller may retry."""
 
@@ -77,6 +83,7 @@ _BY_KIND: dict[str, type[EsdError]] = {
         NotFound,
         Conflict,
         PayloadTooLarge,
+        TooManyRequests,
         Unavailable,
         JobTimeout,
         Internal,

@@ -24,6 +24,19 @@ class Settings(BaseSettings):
     admin_username: str = "admin"
     admin_password: SecretStr = SecretStr("")
 
+    # who a request acts as: `esd` (the `username` header beside the API key, as ESD does) or
+    # `token` (a user's bearer token from `POST /tokens` on every route but /ping; the mode for
+    # key holders who are not all trusted). Tokens live `token_ttl` seconds and are stored as
+    # HMAC-SHA256 digests keyed with `token_key` (any secret; empty still hashes).
+    auth_mode: Literal["esd", "token"] = "esd"
+    token_ttl: float = 12 * 3600.0
+    token_key: SecretStr = SecretStr("")
+    # failed password checks allowed per user and per client address within a window (seconds)
+    # before `POST /tokens` answers 429 for that user or address
+    sign_in_failures_per_user: int = 5
+    sign_in_failures_per_address: int = 20
+    sign_in_window: float = 300.0
+
     # RabbitMQ; `broker_prefix` namespaces every exchange and queue, so that several
     # deployments (or a test run beside a running stack) can share one broker.
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"

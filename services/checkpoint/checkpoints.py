@@ -42,6 +42,7 @@ from shared.contracts.checkpoint import (
     UpdateCheckpoint,
     UpdatedCheckpoint,
 )
+from shared.contracts.identity import Principal
 from shared.errors import Invalid, NotFound
 from shared.messaging import Names, send_work
 from shared.storage import ObjectStore
@@ -137,8 +138,15 @@ class Checkpoints:
             raise NotFound(f"checkpoint not found with id {checkpoint_id}")
         return checkpoint
 
+    async def _reachable(self, checkpoint_id: str, actor: Principal) -> Checkpoint:
+        """The checkpoint, if the actor may reach it; another role's is not found."""
+        checkpoint = await self._get(checkpoint_id)
+        if not domain.reachable(checkpoint, actor):
+            raise NotFound(f"checkpoint not found with id {checkpoint_id}")
+        return checkpoint
+
     async def update(self, command: UpdateCheckpoint) -> UpdatedCheckpoint:
-        checkpoint = await self._get(command.checkpoint_id)
+        checkpoint = await self._reachable(command.checkpoint_id, command.actor)
         if command.status is not None:
             await self._change_status(checkpoint, command)
             return UpdatedCheckpoint(status=200, checkpoint=(await self._get(checkpoint.id)).view())
@@ -198,8 +206,8 @@ class Checkpoints:
     async def delete(self, command: DeleteCheckpoints) -> None:
         for checkpoint_id in dict.fromkeys(command.checkpoint_id_list):
             checkpoint = await self.store.get(checkpoint_id)
-            if checkpoint is None:
-                continue
+            if checkpoint is None or not domain.reachable(checkpoint, command.actor):
+                continue  # another role's checkpoint is as unknown as a missing one
             for upload in checkpoint.params.get("multipart_upload", {}).values():
                 if checkpoint.status is CheckpointStatus.INITIAL and upload:
                     await self.storage.abort_multipart(upload["key"], upload["upload_id"])
@@ -209,17 +217,10 @@ class Checkpoints:
             log.info("checkpoint.deleted", checkpoint_id=checkpoint.id, objects=removed, actor=command.actor.username)
 
     async def list(self, command: ListCheckpoints) -> CheckpointPage:
-        owners: list[str] | None
-        if command.as_roles is not None:
-            owners = [*command.as_roles, command.as_username or "", domain.EVERYONE]
-        elif domain.sees_everything(command.actor):
-            owners = None
-        else:
-            owners = [*command.actor.roles, command.actor.username, domain.EVERYONE]
         total, checkpoints = await self.store.page(
             types=command.types,
             statuses=command.status,
-            owners=owners,
+            owners=domain.owner_filters(command.actor, command.subject),
             skip=(command.page - 1) * command.per_page,
             limit=command.per_page,
         )
@@ -232,12 +233,7 @@ class Checkpoints:
         )
 
     async def get(self, command: GetCheckpoint) -> CheckpointItem:
-        checkpoint = await self._get(command.checkpoint_id)
-        if not domain.sees_everything(command.actor) and not domain.visible_to(
-            checkpoint, command.actor.roles, command.actor.username
-        ):
-            raise NotFound(f"checkpoint not found with id {command.checkpoint_id}")
-        return checkpoint.item()
+        return (await self._reachable(command.checkpoint_id, command.actor)).item()
 
     async def find(self, command: FindCheckpoint) -> CheckpointItem:
         not_found = NotFound(f"checkpoint with name {command.name}, type {command.checkpoint_type.value} is not found")

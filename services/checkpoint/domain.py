@@ -105,6 +105,24 @@ def sees_everything(actor: Principal) -> bool:
     return allows(actor.permissions, "checkpoint:all")
 
 
+def reachable(checkpoint: Checkpoint, actor: Principal) -> bool:
+    """Whether the actor may see and change the checkpoint: what its roles own (ESD's
+    `allowed_roles_or_users`), or every checkpoint with `checkpoint:all`."""
+    return sees_everything(actor) or visible_to(checkpoint, actor.roles, actor.username)
+
+
+def owner_filters(actor: Principal, subject: Principal | None) -> list[list[str]]:
+    """What a listing may show, as lists of owners of which a checkpoint must match one each:
+    the actor's (unless it sees everything) and, with `?username=`, the named user's too, so
+    that naming a user narrows the list and never widens it."""
+    filters = []
+    if not sees_everything(actor):
+        filters.append([*actor.roles, actor.username, EVERYONE])
+    if subject is not None:
+        filters.append([*subject.roles, subject.username, EVERYONE])
+    return filters
+
+
 def page_count(total: int, per_page: int) -> int:
     return math.ceil(total / per_page)
 

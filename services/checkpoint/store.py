@@ -125,7 +125,7 @@ class CheckpointStore:
         *,
         types: list[CheckpointType],
         statuses: list[CheckpointStatus],
-        owners: list[str] | None,
+        owners: list[list[str]],
         skip: int,
         limit: int,
     ) -> tuple[int, list[Checkpoint]]:
@@ -134,8 +134,8 @@ class CheckpointStore:
             query["type"] = {"$in": [value.value for value in types]}
         if statuses:
             query["status"] = {"$in": [value.value for value in statuses]}
-        if owners is not None:
-            query["allowed_roles"] = {"$in": owners}
+        if owners:  # a checkpoint matches one owner of each list
+            query["$and"] = [{"allowed_roles": {"$in": names}} for names in owners]
         total = await self.checkpoints.count_documents(query)
         cursor = self.checkpoints.find(query).sort("created", DESCENDING).skip(skip).limit(limit)
         return total, [_checkpoint(doc) async for doc in cursor]

@@ -23,6 +23,7 @@ from services.gateway.routes import (
     inferences,
     ping,
     roles,
+    tokens,
     trainings,
     users,
 )
@@ -40,6 +41,7 @@ ROUTERS = (
     ping.router,
     users.router,
     roles.router,
+    tokens.router,
     checkpoints.router,
     endpoints.router,
     inferences.router,
@@ -77,9 +79,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def on_job_canceled(event: InferenceCanceled) -> None:
         completions.finished(event.inference_id)
 
-    # Each gateway replica drops its cached principals when any user or role changes (what
-    # changed does not matter: every cached principal may hold the role).
-    for routing_key in ("user.*", "role.*"):
+    # Each gateway replica drops its cached principals when any user, role or token changes
+    # (what changed does not matter: every cached principal may hold the role), so a revoked
+    # token is refused at once.
+    for routing_key in ("user.*", "role.*", "token.*"):
 
         @broker.subscriber(replica_queue(routing_key), names.events)
         async def on_identity_change(_: Event) -> None:
@@ -142,7 +145,8 @@ def _openapi(app: FastAPI) -> dict:
         schema["components"]["securitySchemes"] = {
             "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             "username": {"type": "apiKey", "in": "header", "name": "username"},
+            "bearerToken": {"type": "http", "scheme": "bearer", "description": "a token from POST /tokens"},
         }
-        schema["security"] = [{"apiKey": [], "username": []}]
+        schema["security"] = [{"apiKey": [], "username": []}, {"apiKey": [], "bearerToken": []}]
         app.openapi_schema = schema
     return app.openapi_schema

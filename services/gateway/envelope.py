@@ -93,12 +93,13 @@ def envelope_of(model: type[BaseModel] | None, required: bool = True) -> type[Ba
 
 _WHY = {
     400: "Bad request: a body or query that breaks the contract, or a rule the request breaks",
-    401: "No user, or a user that does not exist",
+    401: "No user, or a user that does not exist (token mode: no valid bearer token)",
     403: 'Missing or wrong API key (body `{"message": "Forbidden"}`), or a missing permission',
     404: "Not found",
     409: "A request with the same Idempotency-Key is still being handled",
     422: "The Idempotency-Key was used for another request",
     413: "Request body too large",
+    429: "Too many failed sign-ins for this user or address; the message says when to retry",
     503: "A service did not answer in time; retry",
     504: "The job did not finish in time; it goes on",
 }

@@ -1,13 +1,17 @@
 """Who is calling and what they may do.
 
 - The API key (`x-api-key`) is the deployment's credential: checked at the edge, before routing.
-- The acting user comes from the `username` header (1.5) or `Authorization: Bearer <hex of the
-  username>` (1.4), and must exist (401).
-- Permissions come from identity by RPC, cached per user and dropped whenever identity reports
-  a change to any user or role, so a revoked permission stops working at once."""
+- The acting user comes, in the `esd` auth mode (the default), from the `username` header (1.5)
+  or `Authorization: Bearer <hex of the username>` (1.4), and must exist (401). A bearer token
+  issued by `POST /tokens` (`esd_...`) names its user in either mode; in the `token` mode it is
+  the only way (the `username` header is ignored) and every route but /ping needs one.
+- Permissions come from identity by RPC, cached per user (or token) and dropped whenever
+  identity reports a change to any user, role or token, so a revoked permission or token stops
+  working at once."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Callable, Iterable
@@ -17,7 +21,14 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.envelope import forbidden_api_key, respond
-from shared.contracts.identity import AUTHENTICATE_USER, AuthenticateUser, Principal
+from shared.contracts.identity import (
+    AUTHENTICATE_TOKEN,
+    AUTHENTICATE_USER,
+    TOKEN_PREFIX,
+    AuthenticateToken,
+    AuthenticateUser,
+    Principal,
+)
 from shared.errors import Forbidden, Invalid, PayloadTooLarge, Unauthorized
 from shared.permissions import EVERY_ALL, allows_any
 from shared.rpc import RpcClient
@@ -82,6 +93,19 @@ class EdgeMiddleware:
         return receive_limited
 
 
+TOKEN_REQUIRED = "Unauthorized: this deployment needs a bearer token (POST /tokens)"
+
+
+def issued_token(headers: dict[str, str] | object) -> str | None:
+    """The bearer token of `POST /tokens` a request presents, if any (1.4's hex name is not one)."""
+    authorization = headers.get("authorization")  # type: ignore[union-attr]
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token.startswith(TOKEN_PREFIX) else None
+
+
 def names_a_user(headers: dict[str, str] | object) -> bool:
     """Whether a request says who acts (a `username` header or a bearer token), rightly or not."""
     username = headers.get("username")  # type: ignore[union-attr]
@@ -108,7 +132,8 @@ def acting_username(headers: dict[str, str] | object) -> str:
 
 
 class Principals:
-    """Principals by username, from identity, cached until identity reports any change."""
+    """Principals by username or by token, from identity, cached until identity reports any
+    change (and a token's no longer than it lives)."""
 
     MAX_ENTRIES = 10_000
 
@@ -119,18 +144,35 @@ class Principals:
         self._generation = 0
 
     async def get(self, username: str) -> Principal:
-        now = time.monotonic()
-        hit = self._cache.get(username)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        hit = self._hit(username)
+        if hit is not None:
+            return hit
         generation = self._generation
         principal = await self.rpc.call(AUTHENTICATE_USER, AuthenticateUser(username=username))
+        self._keep(generation, username, principal, self.ttl)
+        return principal
+
+    async def by_token(self, token: str) -> Principal:
+        # cached under the token's digest: the cache holds no usable secret
+        key = "token:" + hashlib.sha256(token.encode()).hexdigest()
+        hit = self._hit(key)
+        if hit is not None:
+            return hit
+        generation = self._generation
+        holder = await self.rpc.call(AUTHENTICATE_TOKEN, AuthenticateToken(token=token))
+        self._keep(generation, key, holder.principal, min(self.ttl, holder.expires_at - time.time()))
+        return holder.principal
+
+    def _hit(self, key: str) -> Principal | None:
+        hit = self._cache.get(key)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    def _keep(self, generation: int, key: str, principal: Principal, ttl: float) -> None:
         # an invalidation that arrived while we asked makes this answer possibly stale
-        if generation == self._generation:
+        if generation == self._generation and ttl > 0:
             if len(self._cache) >= self.MAX_ENTRIES:
                 self._cache.clear()
-            self._cache[username] = (principal, now + self.ttl)
-        return principal
+            self._cache[key] = (principal, time.monotonic() + ttl)
 
     def invalidate(self) -> None:
         self._generation += 1
@@ -148,12 +190,33 @@ def check_permissions(principal: Principal, required: Iterable[str]) -> None:
         raise Forbidden(f"User {principal.username} has no permissions: {required}")
 
 
+def token_mode(request: Request) -> bool:
+    return request.app.state.settings.auth_mode == "token"
+
+
 async def current_principal(request: Request) -> Principal:
-    return await request.app.state.principals.get(acting_username(request.headers))
+    principals: Principals = request.app.state.principals
+    token = issued_token(request.headers)
+    if token is not None:
+        return await principals.by_token(token)
+    if token_mode(request):
+        raise Unauthorized(TOKEN_REQUIRED)
+    return await principals.get(acting_username(request.headers))
 
 
-async def optional_principal(request: Request) -> Principal | None:
-    """The caller if it names a known user, else None (first-run bootstrap calls)."""
+async def key_holder(request: Request) -> None:
+    """Routes open to the API key alone (documents): in the token mode, a token is needed too."""
+    if token_mode(request):
+        await current_principal(request)
+
+
+async def initial_actor(request: Request) -> Principal | None:
+    """Who makes an `initial` (first-run bootstrap) creation: in the `esd` mode the key suffices
+    (the caller if it names a known user, else None), as API.md says. In the `token` mode
+    `initial` is refused: it would let any key holder make an IT Operator."""
+    if token_mode(request):
+        principal = await current_principal(request)
+        raise Forbidden(f"User {principal.username}: initial creations are refused in the token auth mode")
     try:
         return await current_principal(request)
     except Unauthorized:
@@ -161,7 +224,8 @@ async def optional_principal(request: Request) -> Principal | None:
 
 
 async def named_user(request: Request, username: str) -> Principal:
-    """A user named in a query (`?username=`), which must exist (400 otherwise, as ESD)."""
+    """A user named in a query (`?username=`), which must exist (400 otherwise, as ESD). It
+    only narrows what the caller sees; it never acts."""
     try:
         return await request.app.state.principals.get(username)
     except Unauthorized:
@@ -176,10 +240,11 @@ DEPLOYMENT = Principal(username="@deployment", roles=[], permissions=list(EVERY_
 def require(*permissions: str, key_only: bool = False) -> Callable:
     """A dependency: the acting user, holding at least one of `permissions`. On the routes ESD
     1.5 serves with the key alone (`key_only`), a call that names no user acts with the
-    deployment's authority (logged as such); one that names a user is checked as that user."""
+    deployment's authority (logged as such) in the `esd` auth mode; one that names a user is
+    checked as that user. The `token` mode has no key-only route."""
 
     async def dependency(request: Request) -> Principal:
-        if key_only and not names_a_user(request.headers):
+        if key_only and not token_mode(request) and not names_a_user(request.headers):
             log.info("request.key_only", method=request.method, path=request.url.path)
             return DEPLOYMENT
         principal = await current_principal(request)

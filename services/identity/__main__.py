@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from services.identity import handlers
+from services.identity.domain import SignInLimit
 from services.identity.roles import Roles
 from services.identity.store import IdentityStore
+from services.identity.tokens import Tokens
 from services.identity.users import Users
 from shared.contracts.identity import SERVICE
 from shared.db import mongo_client
@@ -18,8 +20,18 @@ async def setup(runtime: Runtime):
     store = IdentityStore(client[settings.database_name(SERVICE)], runtime.outbox)
     users = Users(store, settings.admin_username)
     roles = Roles(store, settings.admin_username)
+    tokens = Tokens(
+        store,
+        key=settings.token_key.get_secret_value().encode(),
+        ttl=settings.token_ttl,
+        limit=SignInLimit(
+            per_user=settings.sign_in_failures_per_user,
+            per_address=settings.sign_in_failures_per_address,
+            window=settings.sign_in_window,
+        ),
+    )
     once = runtime.idempotency(client[settings.database_name(SERVICE)])
-    handlers.register(runtime, users, roles, store, once)
+    handlers.register(runtime, users, roles, tokens, store, once)
 
     async def prepare() -> None:
         await store.ensure_indexes()

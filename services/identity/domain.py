@@ -3,12 +3,16 @@ functions over plain records; the handlers load the records and store the outcom
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from shared.contracts.identity import DEFAULT_ROLE, Principal, RoleView, UserView
-from shared.errors import Forbidden, Invalid
+from shared.contracts.identity import DEFAULT_ROLE, TOKEN_PREFIX, Principal, RoleView, UserView
+from shared.errors import Forbidden, Invalid, TooManyRequests
 from shared.permissions import ALL_PERMISSIONS, allows, is_valid, not_grantable
 
 
@@ -117,3 +121,39 @@ def check_user_deletion(actor: Principal, names: Iterable[str]) -> None:
 def check_role_deletion(names: Iterable[str]) -> None:
     if DEFAULT_ROLE in names:
         raise Invalid("cannot delete default role")
+
+
+# --- bearer tokens and sign-in limits --------------------------------------------------------
+
+
+def new_token() -> str:
+    """A bearer token: 256 random bits, URL-safe, behind a prefix that tells it apart."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_digest(token: str, key: bytes) -> str:
+    """What is stored of a token. A fast keyed hash is enough: a token is a random 256-bit
+    secret, so nothing can be guessed from its digest (passwords, chosen by people, stay argon2)."""
+    return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class SignInLimit:
+    """Failed password checks allowed per user and per address within a window; the failures
+    of the current and the previous window count, so a burst across a boundary gains nothing."""
+
+    per_user: int
+    per_address: int
+    window: float
+
+    def window_of(self, now: float) -> int:
+        return int(now // self.window)
+
+    def check(self, *, username: str, user_failures: int, address_failures: int, now: float) -> None:
+        """Refuse (429) a sign-in whose user or address failed too often lately, before its
+        password is even checked: a right guess must not be told apart from a wrong one."""
+        if user_failures < self.per_user and address_failures < self.per_address:
+            return
+        seconds = math.ceil((self.window_of(now) + 1) * self.window - now + self.window)
+        who = f"user {username}" if user_failures >= self.per_user else "this address"
+        raise TooManyRequests(f"too many failed sign-ins for {who}: try again in {seconds} seconds")

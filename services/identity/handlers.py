@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.identity.roles import Roles
 from services.identity.store import IdentityStore
+from services.identity.tokens import Tokens
 from services.identity.users import Users
 from shared.contracts import identity as contract
 from shared.idempotency import Idempotency
@@ -11,7 +12,9 @@ from shared.messaging import Event
 from shared.service import Runtime
 
 
-def register(runtime: Runtime, users: Users, roles: Roles, store: IdentityStore, once: Idempotency) -> None:
+def register(
+    runtime: Runtime, users: Users, roles: Roles, tokens: Tokens, store: IdentityStore, once: Idempotency
+) -> None:
     runtime.rpc.register_all(
         {
             contract.AUTHENTICATE_USER: users.authenticate,
@@ -21,6 +24,9 @@ def register(runtime: Runtime, users: Users, roles: Roles, store: IdentityStore,
             contract.CREATE_ROLE: once.wrap(contract.CREATE_ROLE, roles.create),
             contract.LIST_ROLES: roles.list,
             contract.DELETE_ROLES: roles.delete,
+            contract.ISSUE_TOKEN: tokens.issue,
+            contract.AUTHENTICATE_TOKEN: tokens.authenticate,
+            contract.REVOKE_TOKENS: tokens.revoke,
         }
     )
 

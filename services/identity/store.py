@@ -46,8 +46,10 @@ class IdentityStore:
     def __init__(self, db: AsyncDatabase, outbox: Outbox) -> None:
         self.users = db["users"]
         self.roles = db["roles"]
+        self.tokens = db["tokens"]  # digests of bearer tokens, never the tokens
+        self.failures = db["sign_in_failures"]  # failed password checks per user/address and window
         self.outbox = outbox
-        outbox.watch(self.users, self.roles)
+        outbox.watch(self.users, self.roles, self.tokens)
         self._roles: dict[str, Role] | None = None  # every role, by name, in name order
         self._roles_until = 0.0
         self._roles_generation = 0
@@ -55,6 +57,9 @@ class IdentityStore:
     async def ensure_indexes(self) -> None:
         await self.users.create_index([("username", ASCENDING)], unique=True)
         await self.roles.create_index([("role_name", ASCENDING)], unique=True)
+        await self.tokens.create_index([("digest", ASCENDING)], unique=True)
+        await self.tokens.create_index([("username", ASCENDING)])
+        await self.failures.create_index([("window", ASCENDING)])
 
     # --- users ---
 
@@ -106,6 +111,48 @@ class IdentityStore:
                 gone.append(name)
                 await self.outbox.send(self.users, {"username": name})
         return gone
+
+    # --- bearer tokens ---
+
+    async def add_token(self, digest: str, username: str, expires_at: float) -> None:
+        await self.tokens.insert_one(
+            {"digest": digest, "username": username, "expires_at": expires_at, "created_at": datetime.now(UTC)}
+        )
+
+    async def token_owner(self, digest: str, now: float) -> tuple[str, float] | None:
+        """Whose token this is and until when, if it exists and has not expired (an expired
+        one is dropped)."""
+        doc = await self.tokens.find_one({"digest": digest, **LIVE})
+        if doc is None:
+            return None
+        if doc["expires_at"] <= now:
+            await self.tokens.delete_one({"digest": digest})
+            return None
+        return doc["username"], float(doc["expires_at"])
+
+    async def revoke_tokens(self, selector: dict, revoked: Event) -> int:
+        """Delete the selected tokens and announce it once (gateways drop what they cached)."""
+        docs = [doc async for doc in self.tokens.find({**selector, **LIVE}, {"digest": 1})]
+        for doc in docs:
+            await self.tokens.update_one({"digest": doc["digest"], **LIVE}, tombstone(revoked))
+            await self.outbox.send(self.tokens, {"digest": doc["digest"]})
+        return len(docs)
+
+    async def drop_expired_tokens(self, now: float) -> None:
+        await self.tokens.delete_many({"expires_at": {"$lte": now}})
+
+    # --- failed password checks ---
+
+    async def failures_in(self, keys: list[str], windows: list[int]) -> int:
+        """Failures counted under any of `keys` in any of `windows`."""
+        total = 0
+        async for doc in self.failures.find({"key": {"$in": keys}, "window": {"$in": windows}}):
+            total += int(doc.get("count", 0))
+        return total
+
+    async def count_failure(self, key: str, window: int) -> None:
+        await self.failures.update_one({"key": key, "window": window}, {"$inc": {"count": 1}}, upsert=True)
+        await self.failures.delete_many({"window": {"$lt": window - 1}})  # nothing older counts
 
     # --- roles ---
 

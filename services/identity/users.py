@@ -16,6 +16,7 @@ from shared.contracts.identity import (
     DeleteUsers,
     ListUsers,
     Principal,
+    TokenRevoked,
     UserCreated,
     UserDeleted,
     UserList,
@@ -96,4 +97,5 @@ class Users:
     async def delete(self, command: DeleteUsers) -> None:
         domain.check_user_deletion(command.actor, command.user_name_list)
         for username in await self.store.delete_users(command.user_name_list, lambda name: UserDeleted(username=name)):
+            await self.store.revoke_tokens({"username": username}, TokenRevoked(username=username))
             log.info("user.deleted", username=username, actor=command.actor.username)

@@ -111,6 +111,26 @@ def progress_of(step: int, steps: int, eta: float | None) -> JobProgress:
     return JobProgress(step=step, steps=steps, percent=round(100 * step / max(steps, 1), 1), eta=eta)
 
 
+def endpoint_listed(endpoint: Endpoint, actor: Principal, subject: Principal | None) -> bool:
+    """An endpoint is listed to an actor that may use it (shares one of its roles) or sees
+    every endpoint (`sagemaker_endpoint:all`); `?username=` (the subject) narrows that to the
+    endpoints the named user may use, never widens it."""
+    if not (allows(actor.permissions, "sagemaker_endpoint:all") or shares_a_role(endpoint.roles, actor.roles)):
+        return False
+    return subject is None or shares_a_role(endpoint.roles, subject.roles)
+
+
+def jobs_listed_owner(actor: Principal, username: str | None) -> str | None:
+    """Whose jobs a listing shows: every job (None) with `inference:all`, else the actor's own;
+    `?username=` narrows to that user's jobs, and to none at all when the actor may not see
+    them (an empty name, which no job has)."""
+    if allows(actor.permissions, "inference:all"):
+        return username
+    if username is None or username == actor.username:
+        return actor.username
+    return ""
+
+
 def check_owner(actor: Principal, job: InferenceJob) -> None:
     """Another user's job is not found, unless the actor may see every job."""
     if job.owner != actor.username and not allows(actor.permissions, "inference:all"):

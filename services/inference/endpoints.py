@@ -28,7 +28,6 @@ from shared.contracts.inference import (
 from shared.contracts.workers import WorkerHeartbeat, WorkerState
 from shared.instance_types import InstanceTable, check_quota, instance_type
 from shared.messaging import Names, declare_work_queue
-from shared.permissions import allows
 from shared.pools import PoolBackend, PoolSpec
 
 log = structlog.get_logger(__name__)
@@ -99,11 +98,9 @@ class Endpoints:
         )
 
     async def list(self, command: ListEndpoints) -> EndpointPage:
-        roles = command.as_roles if command.as_roles is not None else command.actor.roles
-        everything = command.as_roles is None and allows(command.actor.permissions, "sagemaker_endpoint:all")
         views = []
         for endpoint in await self.store.all_endpoints():
-            if everything or domain.shares_a_role(endpoint.roles, roles):
+            if domain.endpoint_listed(endpoint, command.actor, command.subject):
                 live = await self.store.live_workers(endpoint.name, self.live_within)
                 views.append(domain.endpoint_view(endpoint, len(live)))
         return EndpointPage(endpoints=views)

@@ -52,7 +52,6 @@ from shared.esd import decode_position, encode_position, esd_time
 from shared.messaging import Names, QueueDepths, send_work
 from shared.metrics import JOBS_BY_STATUS
 from shared.net import check_public_host
-from shared.permissions import allows
 from shared.storage import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -276,9 +275,7 @@ class Jobs:
         )
 
     async def list(self, command: ListInferences) -> InferencePage:
-        owner = command.username
-        if owner is None and not allows(command.actor.permissions, "inference:all"):
-            owner = command.actor.username
+        owner = domain.jobs_listed_owner(command.actor, command.username)
         limit = max(1, min(command.limit, 100))
         jobs = await self.store.page_jobs(
             task_type=command.task_type, owner=owner, before=decode_position(command.exclusive_start_key), limit=limit

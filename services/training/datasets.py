@@ -10,6 +10,7 @@ import structlog
 from services.training import domain
 from services.training.domain import Dataset
 from services.training.store import TrainingStore
+from shared.contracts.identity import Principal
 from shared.contracts.training import (
     CreateDataset,
     CreatedDataset,
@@ -51,14 +52,15 @@ class Datasets:
         log.info("dataset.created", dataset=dataset.name, files=len(dataset.files), actor=command.actor.username)
         return CreatedDataset(datasetName=dataset.name, s3PresignUrl=urls)
 
-    async def _get(self, name: str) -> Dataset:
+    async def _get(self, name: str, actor: Principal) -> Dataset:
+        """The dataset, if the actor may reach it; another role's is not found."""
         dataset = await self.store.dataset(name)
-        if dataset is None:
+        if dataset is None or not domain.dataset_reachable(actor, dataset):
             raise NotFound(f"dataset {name} is not found")
         return dataset
 
     async def update(self, command: UpdateDataset) -> UpdatedDataset:
-        dataset = await self._get(command.dataset_name)
+        dataset = await self._get(command.dataset_name, command.actor)
         if command.status is DatasetStatus.ENABLED:
             missing = [file.filename for file in dataset.files if await self.storage.size(file.key) is None]
             if missing:
@@ -81,7 +83,7 @@ class Datasets:
         return DatasetList(datasets=[self._summary(dataset) for dataset in datasets])
 
     async def get(self, command: GetDataset) -> DatasetView:
-        dataset = await self._get(command.dataset_name)
+        dataset = await self._get(command.dataset_name, command.actor)
         files = [
             DatasetFileView(
                 key=file.key,
@@ -96,8 +98,9 @@ class Datasets:
 
     async def delete(self, command: DeleteDatasets) -> None:
         for name in dict.fromkeys(command.dataset_name_list):
-            if await self.store.dataset(name) is None:
-                continue
+            dataset = await self.store.dataset(name)
+            if dataset is None or not domain.dataset_reachable(command.actor, dataset):
+                continue  # another role's dataset is as unknown as a missing one
             await self.storage.delete_prefix(domain.dataset_prefix(name))
             await self.store.remove_dataset(name)
             log.info("dataset.deleted", dataset=name, actor=command.actor.username)

@@ -86,10 +86,19 @@ def dataset_files(name: str, prefix: str | None, files) -> list[StoredFile]:
     ]
 
 
+def dataset_reachable(actor: Principal, dataset: Dataset) -> bool:
+    """A dataset belongs to its creator's roles (ESD's `allowed_roles_or_users`): its creator
+    and the users sharing one of those roles reach it; `train:all` is not enough for another
+    role's images. `user:all` is: ESD's superuser, who can take over any account anyway."""
+    return (
+        dataset.owner == actor.username
+        or bool(set(dataset.roles) & set(actor.roles))
+        or allows(actor.permissions, "user:all")
+    )
+
+
 def visible_datasets(actor: Principal, datasets: list[Dataset]) -> list[Dataset]:
-    if allows(actor.permissions, "train:all"):
-        return datasets
-    return [dataset for dataset in datasets if dataset.owner == actor.username]
+    return [dataset for dataset in datasets if dataset_reachable(actor, dataset)]
 
 
 def check_visible(actor: Principal, training: TrainingJob | None, training_id: str) -> TrainingJob:

@@ -86,7 +86,7 @@ class Trainings:
             )
         await self._check_output_name(command)
         model_key, model_name = await self._base_model(command.actor, params.model, params.s3_model_path)
-        data_prefix = await self._data(params.dataset, params.s3_data_path)
+        data_prefix = await self._data(command.actor, params.dataset, params.s3_data_path)
         training_id = str(uuid.uuid4())
         training = TrainingJob(
             id=training_id,
@@ -165,10 +165,10 @@ class Trainings:
             raise Invalid(f"s3_model_path {s3_path} does not exist")
         return key, key.rsplit("/", 1)[-1]
 
-    async def _data(self, dataset: str | None, s3_path: str | None) -> str:
+    async def _data(self, actor: Principal, dataset: str | None, s3_path: str | None) -> str:
         if dataset:
             found = await self.store.dataset(dataset)
-            if found is None:
+            if found is None or not domain.dataset_reachable(actor, found):
                 raise Invalid(f"dataset {dataset} is not found")
             if found.status is not DatasetStatus.ENABLED:
                 raise Invalid(f"dataset {dataset} is not Enabled yet: upload its files, then PUT status Enabled")

@@ -174,9 +174,8 @@ class ListCheckpoints(BaseModel):
     per_page: int = Field(10, ge=1, le=1000)
     types: list[CheckpointType] = Field(default_factory=list)
     status: list[CheckpointStatus] = Field(default_factory=list)
-    # list what these roles may use (`?username=` resolved by the gateway); None: the actor's
-    as_roles: list[str] | None = None
-    as_username: str | None = None
+    # `?username=`, resolved by the gateway: only what this user may use (and the actor may see)
+    subject: Principal | None = None
 
 
 class GetCheckpoint(BaseModel):

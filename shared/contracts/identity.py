@@ -17,6 +17,9 @@ BOOTSTRAP_ROLES = (DEFAULT_ROLE, "byoc")
 PASSWORD_MASK = "********"
 NOT_APPLICABLE = "not_applicable"
 
+# an issued bearer token: this prefix, then 256 random bits (what tells it from 1.4's hex name)
+TOKEN_PREFIX = "esd_"
+
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Password = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
@@ -75,11 +78,30 @@ class DeleteRolesBody(Body):
     role_name_list: Annotated[list[Name], Field(min_length=1, max_length=100)]
 
 
+class CreateTokenBody(Body):
+    username: Name
+    password: Password
+
+
 # --- commands (RPC) ------------------------------------------------------------------------
 
 
 class AuthenticateUser(BaseModel):
     username: str
+
+
+class IssueToken(CreateTokenBody):
+    address: str  # the caller's, for the limit on failed password checks
+
+
+class AuthenticateToken(BaseModel):
+    token: str
+
+
+class RevokeTokens(BaseModel):
+    actor: Principal
+    token: str  # the one the caller presents
+    all: bool = False
 
 
 class CreateUser(CreateUserBody, Idempotent):
@@ -136,6 +158,20 @@ class RoleList(BaseModel):
     previous_evaluated_key: str = NOT_APPLICABLE
 
 
+class IssuedToken(BaseModel):
+    token: str  # shown this once: only its digest is stored
+    username: str
+    expires_at: float  # Unix time
+    expires_in: int  # seconds
+
+
+class TokenHolder(BaseModel):
+    """Who a valid token acts for, until when."""
+
+    principal: Principal
+    expires_at: float
+
+
 # --- events --------------------------------------------------------------------------------
 
 
@@ -175,6 +211,11 @@ class RoleDeleted(Event):
     role_name: str
 
 
+class TokenRevoked(Event):
+    routing_key = "token.revoked"
+    username: str
+
+
 # --- the commands (request -> reply) ---------------------------------------------------------
 
 AUTHENTICATE_USER = command(SERVICE, AuthenticateUser, Principal)
@@ -184,3 +225,6 @@ DELETE_USERS = command(SERVICE, DeleteUsers)
 CREATE_ROLE = command(SERVICE, CreateRole, RoleView)
 LIST_ROLES = command(SERVICE, ListRoles, RoleList)
 DELETE_ROLES = command(SERVICE, DeleteRoles)
+ISSUE_TOKEN = command(SERVICE, IssueToken, IssuedToken)
+AUTHENTICATE_TOKEN = command(SERVICE, AuthenticateToken, TokenHolder)
+REVOKE_TOKENS = command(SERVICE, RevokeTokens)

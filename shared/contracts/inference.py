@@ -143,7 +143,8 @@ class CreateEndpoint(CreateEndpointBody, Idempotent):
 
 class ListEndpoints(BaseModel):
     actor: Principal
-    as_roles: list[str] | None = None  # `?username=` resolved by the gateway
+    # `?username=`, resolved by the gateway: only the endpoints this user may use (and the actor may see)
+    subject: Principal | None = None
     limit: int = 10
     exclusive_start_key: str | None = None
 

@@ -13,7 +13,7 @@ from botocore.config import Config
 from deploy.local.stack import LocalStack, free_port
 
 
-def make_stack(var_dir) -> LocalStack:
+def make_stack(var_dir, **env: str) -> LocalStack:
     return LocalStack(
         var_dir,
         gateway_port=free_port(),
@@ -28,6 +28,7 @@ def make_stack(var_dir) -> LocalStack:
             "ESD_WEBHOOK_RETRY_FOR": "4",
             # idle autoscaled pools give their workers back quickly, so tests see scale to zero
             "ESD_POOL_SCALE_DOWN_AFTER": "3",
+            **env,
         },
         quiet=True,
     )

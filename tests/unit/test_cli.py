@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import config as configuration
 from cli import requests
-from cli.api import ApiError, parse_events, unwrap
+from cli.api import Api, ApiError, parse_events, unwrap
 from cli.main import app
 from cli.uploads import MIN_PART, URL_LIFETIME, FileUpload, MiB, UploadState, part_size, parts_of, state_file
 
@@ -56,6 +56,25 @@ def test_the_environment_overrides_the_file_field_by_field(tmp_path):
 def test_without_key_or_user_it_says_to_log_in(tmp_path):
     with pytest.raises(configuration.ConfigError, match="esd login.*ESD_API_KEY and ESD_USER"):
         configuration.load(tmp_path / "none.json", env={}).checked()
+
+
+def test_a_bearer_token_from_the_environment_stands_for_the_user_and_is_sent(tmp_path):
+    loaded = configuration.load(tmp_path / "none.json", env={"ESD_API_KEY": "k", "ESD_TOKEN": "esd_t"})
+    assert loaded.checked().token == "esd_t"  # no user needed: the token names it
+    api = Api(loaded)
+    assert api.http.headers["authorization"] == "Bearer esd_t"
+    assert "authorization" not in Api(configuration.Config(api_key="k", user="u")).http.headers
+
+
+def test_a_refused_token_says_to_sign_in_again():
+    request = httpx.Request("GET", "http://gw/users", headers={"authorization": "Bearer esd_old"})
+    response = httpx.Response(
+        401,
+        json={"statusCode": 401, "message": "Unauthorized: the token is unknown, expired or revoked"},
+        request=request,
+    )
+    with pytest.raises(ApiError, match=r"expired or revoked \(run `esd login --password` for a new token\)"):
+        unwrap(response)
 
 
 def test_config_path_follows_esd_config_then_xdg():

@@ -1,4 +1,6 @@
 import asyncio
+import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -7,9 +9,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from services.gateway.security import EdgeMiddleware, Principals, acting_username
-from shared.contracts.identity import Principal
-from shared.errors import EsdError, Unauthorized
+from services.gateway.security import (
+    DEPLOYMENT,
+    EdgeMiddleware,
+    Principals,
+    acting_username,
+    current_principal,
+    initial_actor,
+    issued_token,
+    require,
+)
+from shared.contracts.identity import Principal, TokenHolder
+from shared.errors import EsdError, Forbidden, Unauthorized
 
 
 def test_username_header_names_the_user():
@@ -124,3 +135,67 @@ async def test_an_answer_overtaken_by_a_change_is_not_cached():
     await pending
     await principals.get("bob")
     assert rpc.calls == 2
+
+
+def test_only_an_issued_token_is_a_token_not_14s_hex_name():
+    assert issued_token({"authorization": "Bearer esd_abc"}) == "esd_abc"
+    assert issued_token({"authorization": "Bearer 61646D696E"}) is None
+    assert issued_token({"username": "admin"}) is None
+
+
+class FakeTokenRpc:
+    def __init__(self, expires_in: float) -> None:
+        self.calls = 0
+        self.expires_in = expires_in
+
+    async def call(self, command, message, *, timeout=None):
+        self.calls += 1
+        if message.token != "esd_good":
+            raise Unauthorized("Unauthorized: the token is unknown, expired or revoked")
+        principal = Principal(username="ann", roles=[], permissions=[])
+        return TokenHolder(principal=principal, expires_at=time.time() + self.expires_in)
+
+
+async def test_a_token_is_cached_until_a_change_and_never_past_its_expiry():
+    rpc = FakeTokenRpc(expires_in=3600)
+    principals = Principals(rpc)  # type: ignore[arg-type]
+    assert (await principals.by_token("esd_good")).username == "ann"
+    await principals.by_token("esd_good")
+    assert rpc.calls == 1
+    assert not any("esd_good" in key for key in principals._cache)  # only its digest is kept
+    principals.invalidate()  # a token was revoked
+    await principals.by_token("esd_good")
+    assert rpc.calls == 2
+
+    expired = FakeTokenRpc(expires_in=-1)
+    principals = Principals(expired)  # type: ignore[arg-type]
+    await principals.by_token("esd_good")
+    await principals.by_token("esd_good")
+    assert expired.calls == 2
+    with pytest.raises(Unauthorized):
+        await principals.by_token("esd_bad")
+
+
+def _request(mode: str, headers: dict[str, str]) -> Request:
+    state = SimpleNamespace(settings=SimpleNamespace(auth_mode=mode), principals=Principals(FakeTokenRpc(3600)))  # type: ignore[arg-type]
+    app = SimpleNamespace(state=state)
+    raw = [(name.encode(), value.encode()) for name, value in headers.items()]
+    return Request({"type": "http", "headers": raw, "app": app, "method": "GET", "path": "/"})
+
+
+async def test_the_token_mode_ignores_the_username_header_and_needs_a_token():
+    with pytest.raises(Unauthorized) as refused:
+        await current_principal(_request("token", {"username": "admin"}))
+    assert "bearer token" in refused.value.message
+    with pytest.raises(Unauthorized):
+        await current_principal(_request("token", {"authorization": "Bearer 61646D696E"}))
+    ann = await current_principal(_request("token", {"username": "admin", "authorization": "Bearer esd_good"}))
+    assert ann.username == "ann"
+
+
+async def test_the_token_mode_has_no_key_only_routes_and_no_initial_creations():
+    with pytest.raises(Unauthorized):
+        await require("inference:all", key_only=True)(_request("token", {}))
+    assert await require("inference:all", key_only=True)(_request("esd", {})) is DEPLOYMENT
+    with pytest.raises(Forbidden):
+        await initial_actor(_request("token", {"authorization": "Bearer esd_good"}))

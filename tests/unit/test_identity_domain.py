@@ -3,7 +3,7 @@ import pytest
 from services.identity import domain
 from services.identity.domain import Role, User
 from shared.contracts.identity import Principal
-from shared.errors import Forbidden, Invalid
+from shared.errors import Forbidden, Invalid, TooManyRequests
 
 ROLES = {
     "IT Operator": Role("IT Operator", ["user:all", "role:all", "train:all"], "admin"),
@@ -86,3 +86,31 @@ def test_the_default_role_cannot_be_deleted():
 def test_a_user_cannot_delete_itself():
     with pytest.raises(Invalid, match="cannot delete itself"):
         domain.check_user_deletion(principal("root", "IT Operator"), ["bob", "root"])
+
+
+# --- bearer tokens and sign-in limits ---
+
+
+def test_a_token_is_256_random_bits_behind_its_prefix_and_stored_as_a_keyed_digest():
+    first, second = domain.new_token(), domain.new_token()
+    assert first.startswith("esd_") and first != second
+    assert len(first) - len("esd_") >= 43  # 32 bytes, base64url
+    digest = domain.token_digest(first, b"key")
+    assert digest == domain.token_digest(first, b"key") and first not in digest
+    assert digest != domain.token_digest(first, b"other key")
+
+
+LIMIT = domain.SignInLimit(per_user=3, per_address=10, window=60.0)
+
+
+def test_sign_ins_pass_under_the_limits():
+    LIMIT.check(username="ann", user_failures=2, address_failures=9, now=1000.0)
+
+
+@pytest.mark.parametrize(("user_failures", "address_failures", "who"), [(3, 0, "user ann"), (0, 10, "this address")])
+def test_too_many_failures_for_a_user_or_an_address_are_a_429_saying_when(user_failures, address_failures, who):
+    with pytest.raises(TooManyRequests) as refused:
+        LIMIT.check(username="ann", user_failures=user_failures, address_failures=address_failures, now=1010.0)
+    assert refused.value.status == 429
+    # the window 960..1020 ends in 10 s; its failures count through the next one too
+    assert refused.value.message == f"too many failed sign-ins for {who}: try again in 70 seconds"

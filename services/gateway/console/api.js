@@ -1,4 +1,4 @@
-// The REST API as the console calls it: the key and the user on every call, the ESD envelope
+// The REST API as the console calls it: the key and the user (or a bearer token) on every call, the ESD envelope
 // unwrapped, Server-Sent Events read with fetch (EventSource cannot send the key), and uploads
 // to presigned URLs with progress.
 
@@ -11,17 +11,28 @@ export function signedIn() {
   return stored ? JSON.parse(stored) : null;
 }
 
-export function signIn(apiKey, user) {
-  sessionStorage.setItem(SESSION, JSON.stringify({ apiKey, user }));
+export function signIn(apiKey, user, token = "") {
+  sessionStorage.setItem(SESSION, JSON.stringify({ apiKey, user, token }));
 }
 
-export function signOut() {
+// Trades the password for a bearer token (POST /tokens), kept instead of the password.
+export async function signInWithPassword(apiKey, user, password) {
+  signIn(apiKey, user);
+  const issued = await call("POST", "/tokens", { username: user, password });
+  signIn(apiKey, issued.username, issued.token);
+}
+
+export async function signOut() {
+  const who = signedIn();
+  if (who && who.token) await call("DELETE", "/tokens").catch(() => {}); // revoke it
   sessionStorage.removeItem(SESSION);
 }
 
 function headers(extra = {}) {
   const who = signedIn() || {};
-  return { "x-api-key": who.apiKey || "", username: who.user || "", ...extra };
+  const sent = { "x-api-key": who.apiKey || "", username: who.user || "", ...extra };
+  if (who.token) sent.authorization = `Bearer ${who.token}`;
+  return sent;
 }
 
 export async function call(method, path, body) {

@@ -1,6 +1,6 @@
 // The console's pages: sign in, generate (live progress, preview, cancel), the gallery of the
 // user's jobs, checkpoints (list, upload), endpoints and trainings (status, loss curve).
-import { ApiError, call, follow, put, signIn, signOut, signedIn } from "./api.js";
+import { ApiError, call, follow, put, signIn, signInWithPassword, signOut, signedIn } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 const VIEWS = ["signin", "generate", "gallery", "checkpoints", "endpoints", "trainings"];
@@ -83,11 +83,14 @@ function signedInAs(who) {
 $("signin-form").addEventListener("submit", (event) => {
   event.preventDefault();
   guarded(async () => {
-    signIn($("api-key").value.trim(), $("user").value.trim());
+    const [apiKey, user, password] = [$("api-key").value.trim(), $("user").value.trim(), $("password").value];
+    $("password").value = "";
+    if (password) await signInWithPassword(apiKey, user, password).catch((error) => { signOut(); throw error; });
+    else signIn(apiKey, user);
     try {
       await call("GET", `/users?username=${encodeURIComponent(signedIn().user)}`); // 401: no such user
     } catch (error) {
-      signOut();
+      await signOut();
       throw error;
     }
     followTrainings();
@@ -96,8 +99,10 @@ $("signin-form").addEventListener("submit", (event) => {
 });
 
 $("sign-out").addEventListener("click", () => {
-  signOut();
-  signedInAs(null);
+  guarded(async () => {
+    await signOut();
+    signedInAs(null);
+  });
 });
 
 for (const button of document.querySelectorAll("nav button")) {

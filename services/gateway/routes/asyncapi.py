@@ -1,16 +1,17 @@
 """GET /asyncapi.json and /asyncapi: the bus's events and commands (AsyncAPI 3.0), next to the
-HTTP API's OpenAPI document at /api. The key alone opens them."""
+HTTP API's OpenAPI document at /api. The key alone opens them (a token too, in the token mode)."""
 
 import html
 from functools import cache
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import HTMLResponse, JSONResponse
 
+from services.gateway.security import key_holder
 from shared.asyncapi import asyncapi_document
 from shared.settings import API_VERSION
 
-router = APIRouter(tags=["documents"])
+router = APIRouter(tags=["documents"], dependencies=[Depends(key_holder)])
 
 
 @cache

@@ -76,8 +76,7 @@ async def list_checkpoints(
 ) -> Response:
     command = ListCheckpoints(actor=principal, page=page, per_page=per_page, types=_split(types), status=_split(status))
     if username:
-        subject = await named_user(request, username)
-        command.as_roles, command.as_username = subject.roles, subject.username
+        command.subject = await named_user(request, username)
     return respond(200, await rpc(request).call(LIST_CHECKPOINTS, command))
 
 

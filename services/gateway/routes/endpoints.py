@@ -34,7 +34,7 @@ async def list_endpoints(
 ) -> Response:
     command = ListEndpoints(actor=principal, limit=limit, exclusive_start_key=exclusive_start_key)
     if username:
-        command.as_roles = (await named_user(request, username)).roles
+        command.subject = await named_user(request, username)
     return respond(200, await rpc(request).call(LIST_ENDPOINTS, command))
 
 

@@ -130,7 +130,7 @@ async def list_inferences(
     exclusive_start_key: str | None = Query(None, pattern=POSITION_PATTERN),
 ) -> Response:
     command = ListInferences(
-        actor=principal, task_type=type, username=username, limit=limit, exclusive_start_key=exclusive_start_key
+        actor=principal, task_type=type, username=username or None, limit=limit, exclusive_start_key=exclusive_start_key
     )
     return respond(200, await rpc(request).call(LIST_INFERENCES, command))
 

@@ -5,7 +5,7 @@ from starlette.responses import Response
 
 from services.gateway.bodies import IdempotencyKey, body_doc, idempotency_key, json_body
 from services.gateway.envelope import answers, respond
-from services.gateway.security import check_permissions, current_principal, optional_principal, require, rpc
+from services.gateway.security import check_permissions, current_principal, initial_actor, require, rpc
 from shared.contracts.identity import (
     CREATE_USER,
     DELETE_USERS,
@@ -45,8 +45,8 @@ async def create_user(
     idempotency: IdempotencyKey = Depends(idempotency_key),
 ) -> Response:
     if body.initial:
-        # a client's first-run bootstrap: the key suffices
-        actor = await optional_principal(request)
+        # a client's first-run bootstrap: the key suffices (not in the token mode)
+        actor = await initial_actor(request)
     else:
         actor = await current_principal(request)
         check_permissions(actor, ["user:all", "user:create"])
