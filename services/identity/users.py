@@ -71,6 +71,8 @@ class Users:
         created = await self.store.save_user(
             user, created=self._created(user), updated=UserUpdated(username=user.username, roles=user.roles)
         )
+        if not created:  # a new password ends the sessions the old one opened
+            await self.store.revoke_tokens({"username": user.username}, TokenRevoked(username=user.username))
         log.info("user.created" if created else "user.updated", username=user.username, actor=actor.username)
 
     async def _create_initial(self, command: CreateUser) -> None:

@@ -446,8 +446,19 @@ def test_a_token_acts_as_its_user_until_revoked(tok, token_stack):
     assert tok("GET", "/users", token=other_token).status_code == 200
     assert tok("DELETE", "/tokens", token=other_token, params={"all": "true"}).status_code == 204
     assert tok("GET", "/users", token=other_token).status_code == 401
+    # a changed password ends the sessions the old one opened
+    fourth = tok("POST", "/tokens", json={"username": name, "password": PASSWORD}).json()["data"]["token"]
+    assert tok("GET", "/users", token=fourth).status_code == 200
+    changed = tok(
+        "POST",
+        "/users",
+        token=admin_token,
+        json={"username": name, "password": PASSWORD + " changed", "roles": [f"{name}-role"]},
+    )
+    assert changed.status_code == 201, changed.text
+    assert tok("GET", "/users", token=fourth).status_code == 401
     # a deleted user's tokens die with it
-    third = tok("POST", "/tokens", json={"username": name, "password": PASSWORD}).json()["data"]["token"]
+    third = tok("POST", "/tokens", json={"username": name, "password": PASSWORD + " changed"}).json()["data"]["token"]
     assert tok("GET", "/users", token=third).status_code == 200
     assert tok("DELETE", "/users", token=admin_token, json={"user_name_list": [name]}).status_code == 204
     assert tok("GET", "/users", token=third).status_code == 401
