@@ -43,6 +43,12 @@ def check_http_url(url: str) -> None:
         raise Invalid(f"{url} is not a valid URL: {error}") from None
 
 
+async def resolve(host: str) -> list[str]:
+    """The addresses a name resolves to (an address resolves to itself)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
 async def public_addresses(
     host: str, *, allow_private: bool, doing: str, setting: str, timeout: float | None = None
 ) -> list[str]:
@@ -50,14 +56,11 @@ async def public_addresses(
     resolves to any internal address, is refused (400). `doing` says what was refused
     ("download from"), `setting` how an operator allows internal addresses."""
     try:
-        infos = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout
-        )
+        addresses = await asyncio.wait_for(resolve(host), timeout)
     except (socket.gaierror, UnicodeError):
         raise Invalid(f"could not {doing} {host}: the name does not resolve") from None
     except TimeoutError:
         raise Invalid(f"could not {doing} {host}: the name did not resolve within {timeout:g} s") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not allow_private:
         for address in addresses:
             if not public_address(address):
