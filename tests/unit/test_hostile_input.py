@@ -366,3 +366,54 @@ def test_library_warnings_that_quote_users_are_off_and_library_lines_are_bounded
     record = logging.LogRecord("aio_pika", logging.WARNING, __file__, 1, "%s", ("x" * 100_000,), None)
     assert _bounded(record)
     assert len(record.getMessage()) < 2100 and record.getMessage().endswith("(100000 characters)")
+
+
+# --- a stalled storage: the caller told 503 has started nothing -----------------------------
+
+
+async def test_a_start_whose_storage_stalls_answers_503_in_time_and_dispatches_nothing():
+    import asyncio
+
+    from services.inference.domain import InferenceJob
+    from services.inference.jobs import Jobs
+    from shared.contracts.identity import Principal
+    from shared.contracts.inference import EndpointType, JobStatus, StartInference
+    from shared.errors import Unavailable
+
+    job = InferenceJob(
+        id="job-1",
+        task_type="txt2img",
+        inference_type=EndpointType.ASYNC,
+        status=JobStatus.CREATED,
+        owner="alice",
+        roles=[],
+        endpoint_name="esd-async-a",
+        endpoint_id="e1",
+        instance_type="cpu",
+        models=[],
+        files=[],
+        payload_key="txt2img/infer_v2/job-1/api_param.json",
+        created=0.0,
+    )
+    transitions: list[str] = []
+
+    class Store:
+        async def job(self, inference_id):
+            return job
+
+        async def endpoint(self, name):
+            return object()
+
+        async def transition_job(self, inference_id, *args, **fields):
+            transitions.append(inference_id)
+            return True
+
+    class StalledStorage:
+        async def size(self, key):
+            await asyncio.sleep(3600)  # S3 stalls past every caller's wait
+
+    jobs = Jobs(Store(), StalledStorage(), None, None, None, live_within=6, storage_seconds=0.2)
+    alice = Principal(username="alice", roles=[], permissions=[])
+    with pytest.raises(Unavailable, match="object storage did not answer within 0.2 s .* nothing was started"):
+        await jobs.start(StartInference(actor=alice, inference_id="job-1"))
+    assert transitions == []  # not dispatched: the client's retry is the only run
