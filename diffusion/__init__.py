@@ -6,6 +6,7 @@
   checkpoint's family;
 - `layout`: the original (LDM/SGM) key layout of single-file checkpoints;
 - `tokenizers`: the CLIP tokenizers, built offline; `configs`: the diffusers configs shipped;
+- `images`: opening users' images with a bound on their pixels;
 - `device`: the device a worker runs on;
 - `testing`: random-weight tiny (and full-size) models written as real files, for tests and
   benchmarks.

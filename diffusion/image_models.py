@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from diffusion.checkpoints import UnsupportedCheckpoint, read_state_dict
 from shared.errors import Invalid
 
 # what spandrel's LaMa and RestoreFormer modules take from torchvision at import time
@@ -81,8 +82,14 @@ def load_image_model(path: Path, *, device: torch.device, half: bool = False):
     """The spandrel `ImageModelDescriptor` of a checkpoint file, in eval mode on `device`
     (in float16 when `half` and the architecture supports it)."""
     spandrel = import_spandrel()
+    # read as every checkpoint is (safetensors, or a pickle with `weights_only`): spandrel's
+    # own reader tries a `.pt` as TorchScript first and unpickles with a filter of its own
     try:
-        descriptor = spandrel.ModelLoader(device=device).load_from_file(path)
+        state = read_state_dict(path)
+    except UnsupportedCheckpoint as error:
+        raise UnsupportedImageModel(error.message) from None
+    try:
+        descriptor = spandrel.ModelLoader(device=device).load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
         raise UnsupportedImageModel(
             f"{path.name} is not an image model this platform recognises (spandrel knows: "

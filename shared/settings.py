@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     gateway_port: int = 8080
     max_body_bytes: int = 1024 * 1024
 
+    # limits on what users send (README, "Limits"): JSON nesting anywhere (bodies,
+    # `payload_string`, `api_param.json`), the size of `api_param.json` (checked before a
+    # worker downloads it), the characters of a prompt, the pixels of an image a job decodes
+    # (checked from its header, before it is decoded), the bytes of a checkpoint by URL
+    max_json_depth: int = 64
+    max_payload_bytes: int = 32 * 1024 * 1024
+    max_prompt_chars: int = 20_000
+    max_image_pixels: int = 25_000_000
+
     # logging: `auto` is readable on a terminal and JSON elsewhere
     log_format: str = "auto"
     log_level: str = "INFO"
@@ -70,6 +79,7 @@ class Settings(BaseSettings):
     checkpoint_allow_private_urls: bool = False
     checkpoint_download_part_mb: int = 16
     checkpoint_download_timeout: float = 60.0
+    checkpoint_max_bytes: int = 32 * 1024**3
 
     # inference: endpoints whose first worker is not ready in time turn Failed; idle
     # autoscaled pools give workers back after this long; Real-time calls wait this long

@@ -116,6 +116,9 @@ class WorkerRuntime:
                 from diffusion.device import limit_threads  # torch: workers only
 
                 limit_threads(self.settings.worker_threads)
+            from PIL import Image  # workers decode users' images: this bounds their size
+
+            Image.MAX_IMAGE_PIXELS = self.settings.max_image_pixels
             if warm_up is not None:
                 await asyncio.to_thread(warm_up)
             work_queue = self.names.work_queue(queue)

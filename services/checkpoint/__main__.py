@@ -24,6 +24,7 @@ async def setup(runtime: Runtime):
         allow_private=settings.checkpoint_allow_private_urls,
         part_bytes=settings.checkpoint_download_part_mb * 1024 * 1024,
         timeout=settings.checkpoint_download_timeout,
+        max_bytes=settings.checkpoint_max_bytes,
     )
     checkpoints = Checkpoints(store, storage, downloader, runtime.broker, runtime.names)
     once = runtime.idempotency(client[settings.database_name(SERVICE)])

@@ -314,6 +314,10 @@ class Checkpoints:
         except Invalid as error:
             await self._fail(checkpoint, error.message)
             return
+        except Exception as error:  # a bug, or storage away mid-stream: said, never left Initial
+            log.exception("checkpoint.download_crashed", checkpoint_id=checkpoint.id)
+            await self._fail(checkpoint, f"the download failed: {type(error).__name__}: {error}")
+            return
         activated = CheckpointActivated(**self._changed(checkpoint))
         if not await self.store.transition(
             checkpoint.id, [CheckpointStatus.INITIAL], [activated], status=CheckpointStatus.ACTIVE
@@ -324,6 +328,7 @@ class Checkpoints:
         log.info("checkpoint.downloaded", checkpoint_id=checkpoint.id, file=name, bytes=size)
 
     async def _fail(self, checkpoint: Checkpoint, error: str) -> None:
+        """A failed download holds no file: its name is free for the next try."""
         log.warning("checkpoint.failed", checkpoint_id=checkpoint.id, error=error)
         await self.store.update(
             checkpoint.id,
@@ -331,6 +336,7 @@ class Checkpoints:
             status=CheckpointStatus.FAILED,
             error=error,
         )
+        await self.store.release_names(checkpoint.names, checkpoint.id)
 
     async def rename(self, message: RenameCheckpoint) -> None:
         checkpoint = await self.store.get(message.checkpoint_id)

@@ -160,6 +160,10 @@ def renamed(checkpoint: Checkpoint, new_name: str) -> str | None:
     old = checkpoint.names[0]
     if not extension_allowed(new_name, checkpoint.type):
         new_name += PurePosixPath(old).suffix
+        try:
+            safe_file_name(new_name)  # the extension may make it too long
+        except ValueError as error:
+            raise Invalid(str(error)) from None
     return None if new_name == old else new_name
 
 

@@ -1,9 +1,10 @@
 """Streaming a model file from a URL into object storage.
 
 The file flows through in parts (a multipart upload), so memory holds one part, never the
-file. Redirects are followed by hand so that every hop's address is checked: addresses that
-resolve to loopback, private, link-local or reserved ranges are refused unless the deployment
-allows them."""
+file, and a file larger than the deployment's limit is cut off. Every connection, a redirect's
+included, goes to an address that was checked as it was resolved (shared/net.py): addresses in
+loopback, private, link-local or reserved ranges are refused unless the deployment allows them.
+Redirects are followed by hand, each hop's URL checked as the first one is."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import httpx
 from services.checkpoint.domain import check_download_name, check_url, file_name_from_url
 from shared.contracts.checkpoint import CheckpointType
 from shared.errors import Invalid
-from shared.net import check_public_host
+from shared.net import public_transport
 from shared.storage import ObjectStore
 
 MAX_REDIRECTS = 10
@@ -35,9 +36,11 @@ class Downloader:
         allow_private: bool,
         part_bytes: int,
         timeout: float,
+        max_bytes: int | None = None,
     ) -> None:
         self.storage = storage
         self.allow_private = allow_private
+        self.max_bytes = max_bytes
         self.part_bytes = max(part_bytes, 5 * 1024 * 1024)  # S3's smallest part but the last
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 15.0))
 
@@ -51,13 +54,18 @@ class Downloader:
     ) -> tuple[str, int]:
         """Stream `url` into storage; returns the file name and its size in bytes. The file's
         kind must be one a checkpoint of `checkpoint_type` may hold."""
-        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+        transport = public_transport(
+            allow_private=self.allow_private, doing="download from", setting="ESD_CHECKPOINT_ALLOW_PRIVATE_URLS"
+        )
+        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False, transport=transport) as client:
             response = await self._open(client, url)
             try:
                 name = file_name_from_url(str(response.url), response.headers.get("content-disposition"))
                 check_download_name(name, checkpoint_type)
                 key = await name_found(name)
                 total = _content_length(response)
+                if total is not None:
+                    self._check_size(total)
                 size = await self._upload(response, key, total, progress)
             finally:
                 await response.aclose()
@@ -65,11 +73,10 @@ class Downloader:
 
     async def _open(self, client: httpx.AsyncClient, url: str) -> httpx.Response:
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(url)
-            await self._check_host(httpx.URL(url).host)
+            check_url(url)  # a redirect's too
             try:
                 response = await client.send(client.build_request("GET", url), stream=True)
-            except httpx.HTTPError as error:
+            except (httpx.HTTPError, httpx.InvalidURL) as error:
                 raise Invalid(f"could not download {url}: {_describe(error)}") from None
             if response.is_redirect and "location" in response.headers:
                 await response.aclose()
@@ -81,10 +88,12 @@ class Downloader:
             return response
         raise Invalid(f"could not download {url}: more than {MAX_REDIRECTS} redirects")
 
-    async def _check_host(self, host: str) -> None:
-        await check_public_host(
-            host, allow_private=self.allow_private, doing="download from", setting="ESD_CHECKPOINT_ALLOW_PRIVATE_URLS"
-        )
+    def _check_size(self, size: int) -> None:
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise Invalid(
+                f"the file is larger than {self.max_bytes} bytes, the most a checkpoint may hold "
+                "(ESD_CHECKPOINT_MAX_BYTES)"
+            )
 
     async def _upload(self, response: httpx.Response, key: str, total: int | None, progress: Progress) -> int:
         upload_id = await self.storage.start_multipart(key)
@@ -96,6 +105,7 @@ class Downloader:
             async for chunk in response.aiter_bytes(1024 * 1024):
                 buffer += chunk
                 done += len(chunk)
+                self._check_size(done)  # a body that never ends, or a Content-Length that lied
                 if len(buffer) >= self.part_bytes:
                     parts.append(
                         (len(parts) + 1, await self.storage.upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))

@@ -1,11 +1,10 @@
 """JSON request bodies, read and validated here rather than by FastAPI so that every bad body
-(none, malformed JSON, not an object, wrong fields) gets one of ESD's phrasings. Python's
-parser also takes the non-standard `Infinity`/`NaN` tokens that AUTOMATIC1111 payloads carry."""
+(none, malformed JSON, nested too deep, not an object, wrong fields) gets one of ESD's phrasings
+(shared/untrusted.py parses it)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from services.gateway.envelope import validation_message
 from shared.errors import Invalid
+from shared.untrusted import load_json
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -28,10 +28,7 @@ def json_body(model: type[T]) -> Callable[[Request], Any]:
         raw = await request.body()
         data: Any = {}
         if raw.strip():
-            try:
-                data = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as error:
-                raise Invalid(f"request body is not valid JSON: {error}") from None
+            data = load_json(raw, what="request body", max_depth=request.app.state.settings.max_json_depth)
         if not isinstance(data, dict):
             raise Invalid("request body must be a JSON object")
         try:
@@ -68,8 +65,12 @@ async def idempotency_key(
 ) -> IdempotencyKey:
     if key is None:
         return IdempotencyKey()
-    try:
-        canonical = orjson.dumps(json.loads(await request.body() or b"{}"), option=orjson.OPT_SORT_KEYS)
-    except ValueError:
-        canonical = await request.body()
+    raw = await request.body()
+    try:  # a body that does not parse is refused by its route; its bytes are fingerprint enough
+        canonical = orjson.dumps(
+            load_json(raw or b"{}", what="request body", max_depth=request.app.state.settings.max_json_depth),
+            option=orjson.OPT_SORT_KEYS,
+        )
+    except (Invalid, orjson.JSONEncodeError):
+        canonical = raw
     return IdempotencyKey(idempotency_key=key, request_fingerprint=hashlib.sha256(canonical).hexdigest())

@@ -46,6 +46,10 @@ async def setup(runtime: Runtime):
         depths,
         live_within=live_within,
         allow_private_webhooks=settings.webhook_allow_private_urls,
+        max_json_depth=settings.max_json_depth,
+        max_payload_bytes=settings.max_payload_bytes,
+        # half the caller's wait: the caller hears this service's 503, not its own timeout
+        storage_seconds=settings.rpc_timeout / 2,
     )
     endpoints = Endpoints(
         store,

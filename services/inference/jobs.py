@@ -6,9 +6,11 @@ is not run twice, and one that keeps killing its workers is given up."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import structlog
@@ -47,16 +49,20 @@ from shared.contracts.inference import (
     queue_of,
 )
 from shared.contracts.workers import GoAhead, WorkerState
-from shared.errors import Invalid, NotFound
+from shared.errors import Invalid, NotFound, Unavailable
 from shared.esd import decode_position, encode_position, esd_time
 from shared.messaging import Names, QueueDepths, send_work
 from shared.metrics import JOBS_BY_STATUS
 from shared.net import check_public_host
 from shared.storage import ObjectStore
+from shared.untrusted import PAYLOAD_SETTING, load_json, too_large
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 MAX_JOB_ATTEMPTS = 3
+MAX_INFO_BYTES = 1024 * 1024  # of a job's `info` kept in its record
 PROGRESS_STORE_SECONDS = 0.25
 _UNFINISHED = [JobStatus.IN_PROGRESS.value, JobStatus.CREATED.value]
 
@@ -72,6 +78,9 @@ class Jobs:
         *,
         live_within: float,
         allow_private_webhooks: bool = False,
+        max_json_depth: int = 64,
+        max_payload_bytes: int = 32 * 1024 * 1024,
+        storage_seconds: float = 5.0,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -80,6 +89,12 @@ class Jobs:
         self.depths = depths
         self.live_within = live_within
         self.allow_private_webhooks = allow_private_webhooks
+        self.max_json_depth = max_json_depth
+        self.max_payload_bytes = max_payload_bytes
+        # Storage calls made before a job is created or dispatched must end well within the
+        # caller's wait (the RPC timeout): a caller told 503 retries, so the job must not
+        # then be carried out anyway.
+        self.storage_seconds = storage_seconds
         self.progress_written: dict[str, float] = {}  # job -> when its progress was last stored
 
     async def create(self, command: CreateInference) -> CreatedInference:
@@ -92,10 +107,7 @@ class Jobs:
                 setting="ESD_WEBHOOK_ALLOW_PRIVATE_URLS",
             )
         if command.payload_string is not None:  # before an endpoint is chosen, as ESD checks it
-            try:
-                json.loads(command.payload_string)
-            except ValueError:
-                raise Invalid("payload_string must be valid json string") from None
+            self._check_payload(command.payload_string)
         candidates = domain.candidate_endpoints(
             await self.store.all_endpoints(),
             inference_type=command.inference_type,
@@ -126,7 +138,10 @@ class Jobs:
             preview_every=command.preview_every,
         )
         if command.payload_string is not None:
-            await self.storage.put(job.payload_key, command.payload_string.encode(), "application/json")
+            await self._in_time(
+                self.storage.put(job.payload_key, command.payload_string.encode(), "application/json"),
+                "storing payload_string",
+            )
         await self.store.add_job(
             job,
             [
@@ -149,6 +164,30 @@ class Jobs:
             api_params_s3_upload_url=await self.storage.presign_put(job.payload_key),
             models=job.models,
         )
+
+    def _check_payload(self, payload: str) -> None:
+        try:
+            load_json(
+                payload.encode(),
+                what="payload_string",
+                max_depth=self.max_json_depth,
+                max_bytes=self.max_payload_bytes,
+                setting=PAYLOAD_SETTING,
+            )
+        except Invalid as error:
+            # ESD's phrasing for what is not JSON; the limits say which one was broken
+            message = error.message if "valid JSON" not in error.message else "payload_string must be valid json string"
+            raise Invalid(message) from None
+
+    async def _in_time(self, call: Awaitable[T], doing: str) -> T:
+        try:
+            return await asyncio.wait_for(call, self.storage_seconds)
+        except TimeoutError:
+            log.warning("inference.storage_stalled", doing=doing, seconds=self.storage_seconds)
+            raise Unavailable(
+                f"object storage did not answer within {self.storage_seconds:g} s ({doing}); nothing was started, "
+                "try again"
+            ) from None
 
     async def _loads(self, endpoints: list[Endpoint]) -> dict[str, float]:
         loads = {}
@@ -191,8 +230,11 @@ class Jobs:
             raise Invalid(f"InferenceJobId {command.inference_id} not found")
         domain.check_owner(command.actor, job)
         if job.status is JobStatus.CREATED:
-            if await self.storage.size(job.payload_key) is None:
+            size = await self._in_time(self.storage.size(job.payload_key), "checking api_param.json")
+            if size is None:
                 raise Invalid("api_param.json has not been uploaded yet: PUT it to api_params_s3_upload_url first")
+            if size > self.max_payload_bytes:
+                raise too_large("api_param.json", size, self.max_payload_bytes, PAYLOAD_SETTING)
             if await self.store.endpoint(job.endpoint_name) is None:
                 raise Invalid(f"endpoint {job.endpoint_name} no longer exists")
             if await self.store.transition_job(
@@ -344,10 +386,30 @@ class Jobs:
             status=JobStatus.SUCCEEDED,
             complete_time=time.time(),
             image_names=report.image_names,
-            info=report.info,
+            info=await self._info(report),
         ):
             JOBS_BY_STATUS.labels(kind="inference", status=JobStatus.SUCCEEDED.value).inc()
             log.info("inference.succeeded", inference_id=report.inference_id, images=len(report.image_names))
+
+    async def _info(self, report: ReportInferenceSucceeded) -> dict:
+        """The A1111 `info` GET /inferences/{id} shows, from the record the worker stored; one
+        too large to keep in the job (a long prompt times many images) stays in that record
+        alone, which the job links to."""
+        if report.info_key is None:
+            return report.info
+        if not report.info_key.startswith(domain.output_prefix(report.inference_id) + "/"):
+            return {}  # not this job's record
+        size = await self.storage.size(report.info_key)
+        if size is None or size > MAX_INFO_BYTES:
+            return {}
+        try:
+            record = load_json(
+                await self.storage.get(report.info_key), what="the job's record", max_depth=self.max_json_depth
+            )
+        except Invalid:
+            return {}
+        info = record.get("info") if isinstance(record, dict) else None
+        return info if isinstance(info, dict) else {}
 
     async def failed(self, report: ReportInferenceFailed) -> None:
         await self.fail(report.inference_id, report.error)

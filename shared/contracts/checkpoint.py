@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from shared.contracts.identity import Body, Idempotent, Principal
 from shared.messaging import Event
 from shared.rpc import command
+from shared.untrusted import excerpt
 
 SERVICE = "checkpoint"
 ALLOWED_EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors", ".yaml")
@@ -57,19 +58,24 @@ class CheckpointStatus(StrEnum):
     FAILED = "Failed"
 
 
+MAX_NAME_BYTES = 255  # what file systems hold in one name
+
+
 def safe_file_name(name: str) -> str:
-    """A plain file name: no folders, no `..`, no control characters (it becomes an S3 key and,
-    on workers, a path on disk)."""
+    """A plain file name: no folders, no `..`, no control characters, at most 255 bytes (it
+    becomes an S3 key and, on workers, a path on disk, where longer names do not fit)."""
     name = name.strip()
     if (
         not name
         or name in (".", "..")
         or "/" in name
         or "\\" in name
-        or any(ord(char) < 32 for char in name)
+        or any(ord(char) < 32 or ord(char) == 127 for char in name)
         or PurePosixPath(name).name != name
     ):
-        raise ValueError(f'"{name}" is not a plain file name')
+        raise ValueError(f'"{excerpt(name)}" is not a plain file name')
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f'"{excerpt(name)}" is longer than {MAX_NAME_BYTES} bytes')
     return name
 
 

@@ -324,10 +324,15 @@ class ReportInferenceStarted(BaseModel):
 
 
 class ReportInferenceSucceeded(BaseModel):
+    """Object keys, never the payload's data: a prompt may be long and repeated per image, and
+    a report must fit in a broker message. The service reads `info` from `info_key` (the
+    `<id>_param.json` the worker stored); `info` is what older workers sent."""
+
     inference_id: str
     worker_id: str
     image_names: list[str]
     info: dict[str, Any] = Field(default_factory=dict)
+    info_key: str | None = None
 
 
 class ReportInferenceFailed(BaseModel):

@@ -41,6 +41,7 @@ from shared.metrics import INFERENCE_IMAGE_SECONDS, INFERENCE_STEP_SECONDS, Step
 from shared.pools import default_worker_id
 from shared.service import run
 from shared.settings import Settings, get_settings
+from shared.untrusted import PAYLOAD_SETTING, load_json, too_large
 from shared.worker import WorkerRuntime
 
 log = structlog.get_logger(__name__)
@@ -97,14 +98,14 @@ class InferenceWorker:
         phases: dict[str, float] = {}  # milliseconds of the job's steps, for its log line
 
         async def succeeded(outcome: tuple[list[str], dict]) -> None:
-            image_names, info = outcome
+            image_names, _ = outcome  # the info is in the job's record, at info_key
             await self.runtime.rpc.call(
                 REPORT_INFERENCE_SUCCEEDED,
                 ReportInferenceSucceeded(
                     inference_id=job.inference_id,
                     worker_id=self.worker_id,
                     image_names=image_names,
-                    info=info,
+                    info_key=info_key(job),
                 ),
             )
             log.info(
@@ -154,11 +155,10 @@ class InferenceWorker:
             phases[f"{name}_ms"] = round((now - mark) * 1000, 1)
             mark = now
 
-        try:
-            payload = json.loads(await storage.get(job.payload_key))
-        except ValueError as error:
-            raise Invalid(f"api_param.json is not valid JSON: {error}") from None
-        request = GenerationRequest.from_payload(job.task_type, payload)
+        payload = await self._payload(job)
+        request = GenerationRequest.from_payload(
+            job.task_type, payload, max_prompt_chars=self.runtime.settings.max_prompt_chars
+        )
         phase("payload")
         files = await self._model_files(job.models)
         phase("models")
@@ -202,9 +202,7 @@ class InferenceWorker:
             "endpoint_name": self.endpoint,
             "inference_id": job.inference_id,
         }
-        await storage.put(
-            f"{job.output_prefix}/{job.inference_id}_param.json", json.dumps(record).encode(), "application/json"
-        )
+        await storage.put(info_key(job), json.dumps(record).encode(), "application/json")
         phase("store")
         return names, result.info
 
@@ -216,10 +214,7 @@ class InferenceWorker:
         storage = self.runtime.storage
         assert storage is not None
         mark = time.perf_counter()
-        try:
-            payload = json.loads(await storage.get(job.payload_key))
-        except ValueError as error:
-            raise Invalid(f"api_param.json is not valid JSON: {error}") from None
+        payload = await self._payload(job)
         files: dict[str, dict[str, Path]] = {}
         for model in job.models:
             if model.type in (*UPSCALER_TYPES, *FACE_RESTORER_TYPES, CheckpointType.REMBG):
@@ -246,10 +241,26 @@ class InferenceWorker:
             "endpoint_name": self.endpoint,
             "inference_id": job.inference_id,
         }
-        await storage.put(
-            f"{job.output_prefix}/{job.inference_id}_param.json", json.dumps(record).encode(), "application/json"
-        )
+        await storage.put(info_key(job), json.dumps(record).encode(), "application/json")
         return [image.name for image in result.images], result.info
+
+    async def _payload(self, job: RunInference) -> Any:
+        """The job's api_param.json: refused by its size before it is downloaded (and while it
+        is, were it replaced meanwhile), then by its nesting."""
+        storage, settings = self.runtime.storage, self.runtime.settings
+        assert storage is not None
+        limit = settings.max_payload_bytes
+        size = await storage.size(job.payload_key)
+        if size is None:
+            raise Invalid("api_param.json is not in storage (deleted meanwhile?)")
+        if size > limit:
+            raise too_large("api_param.json", size, limit, PAYLOAD_SETTING)
+        raw = bytearray()
+        async for chunk in storage.stream(job.payload_key):
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large("api_param.json", len(raw), limit, PAYLOAD_SETTING)
+        return load_json(bytes(raw), what="api_param.json", max_depth=settings.max_json_depth)
 
     async def _model_files(self, models: list[ModelFile]):
         from services.inference.worker.engine import ModelFiles
@@ -287,6 +298,11 @@ class InferenceWorker:
             controlnets=controlnets,
             upscalers=upscalers,
         )
+
+
+def info_key(job: RunInference) -> str:
+    """Where a job's record (`parameters` and A1111's `info`) is stored."""
+    return f"{job.output_prefix}/{job.inference_id}_param.json"
 
 
 def main() -> None:

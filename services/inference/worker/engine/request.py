@@ -19,8 +19,10 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffusion.images import ImageTooLarge, open_image
 from services.inference.worker.engine.samplers import SamplerChoice, UnknownSampler, resolve_sampler
 from shared.errors import Invalid
+from shared.untrusted import excerpt
 
 Task = Literal["txt2img", "img2img"]
 TASKS: tuple[str, ...] = ("txt2img", "img2img")
@@ -140,12 +142,17 @@ class GenerationRequest(BaseModel):
         return self
 
     @classmethod
-    def from_payload(cls, task: str, payload: dict[str, Any]) -> GenerationRequest:
-        """Validate an A1111 body for `task` (txt2img or img2img)."""
+    def from_payload(
+        cls, task: str, payload: dict[str, Any], *, max_prompt_chars: int | None = None
+    ) -> GenerationRequest:
+        """Validate an A1111 body for `task` (txt2img or img2img); a prompt longer than
+        `max_prompt_chars` is refused before anything reads it."""
         if task not in TASKS:
             raise InvalidPayload(f"task type {task} should be in {list(TASKS)}")
         if not isinstance(payload, dict):
             raise InvalidPayload(f"the {task} payload must be a JSON object, not {type(payload).__name__}")
+        if max_prompt_chars is not None:
+            check_prompt_lengths(payload, max_prompt_chars)
         try:
             request = cls.model_validate({**payload, "task": task})
         except ValidationError as error:
@@ -230,17 +237,34 @@ class GenerationRequest(BaseModel):
         return decode_image(self.init_images[0]).convert("RGB")
 
 
+PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+
+
+def check_prompt_lengths(payload: dict[str, Any], limit: int) -> None:
+    """Every prompt is split into 75-token chunks, each encoded on its own: a prompt of
+    megabytes holds a worker for minutes and gigabytes. Refused above `limit` characters."""
+    for field in PROMPT_FIELDS:
+        value = payload.get(field)
+        if isinstance(value, str) and len(value) > limit:
+            raise InvalidPayload(
+                f"{field} is {len(value)} characters long; at most {limit} are accepted (ESD_MAX_PROMPT_CHARS)"
+            )
+
+
 def strip_hash(name: str) -> str:
     """A1111's model title without its ` [hash]`."""
     return _HASH_SUFFIX.sub("", name).strip()
 
 
 def decode_image(text: str) -> Image.Image:
-    """A base64 PNG/JPEG/WebP, with or without a `data:image/...;base64,` prefix."""
+    """A base64 PNG/JPEG/WebP, with or without a `data:image/...;base64,` prefix; its size is
+    checked from its header, before it is decoded."""
     try:
         raw = base64.b64decode(_DATA_URL.sub("", text.strip()), validate=False)
-        image = Image.open(io.BytesIO(raw))
+        image = open_image(io.BytesIO(raw))
         image.load()
+    except ImageTooLarge as error:
+        raise InvalidPayload(error.message) from None
     except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
         raise InvalidPayload("not a base64-encoded PNG or JPEG image") from None
     return image
@@ -252,6 +276,6 @@ def _describe(error: ValidationError) -> str:
         location = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] not in ("value_error",) and "input" in item and not isinstance(item["input"], (dict, list)):
-            message += f" (got {item['input']!r})"
+            message += f" (got {excerpt(repr(item['input']))})"  # a user's text is never repeated whole
         parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)

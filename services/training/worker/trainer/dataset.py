@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffusion.images import ImageTooLarge, open_image
 from shared.errors import Invalid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -88,8 +89,10 @@ def load_pixels(image: TrainingImage, resolution: tuple[int, int]) -> tuple[torc
     """The image as a (3, height, width) tensor in [-1, 1], scaled to cover `resolution`
     (width, height) and centre-cropped to it; and whether it had to be enlarged."""
     try:
-        with Image.open(image.path) as opened:
+        with open_image(image.path) as opened:
             picture = ImageOps.exif_transpose(opened).convert("RGB")
+    except ImageTooLarge as error:
+        raise InvalidDataset(f"dataset: {image.path.name}: {error.message}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise InvalidDataset(f"dataset: {image.path.name} could not be read as an image: {error}") from None
     width, height = resolution
