@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -22,7 +21,7 @@ from shared.contracts.webhooks import DELIVERIES, DeadDelivery
 from shared.errors import Invalid
 from shared.messaging import Names
 from shared.metrics import WEBHOOK_DELIVERIES, WEBHOOK_SECONDS
-from shared.net import check_public_host
+from shared.net import public_transport
 
 log = structlog.get_logger(__name__)
 
@@ -136,12 +135,6 @@ class Deliveries:
         await self.store.update(delivery.id, status="delivered", first_attempt=first, delivered_at=time.time())
 
     async def _post(self, delivery: Delivery) -> None:
-        await check_public_host(
-            urlsplit(delivery.url).hostname or "",
-            allow_private=self.allow_private,
-            doing="send webhooks to",
-            setting="ESD_WEBHOOK_ALLOW_PRIVATE_URLS",
-        )
         body = orjson.dumps(delivery.payload.model_dump(mode="json"))
         timestamp = int(time.time())
         message_id = delivery.id.split(":", 1)[0]  # the event's id: a receiver drops repeats by it
@@ -151,7 +144,13 @@ class Deliveries:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": domain.signature(self.secret, message_id, timestamp, body),
         }
-        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, trust_env=False) as client:
+        # the connection goes to the address checked as it was resolved: no DNS rebinding
+        transport = public_transport(
+            allow_private=self.allow_private, doing="send webhooks to", setting="ESD_WEBHOOK_ALLOW_PRIVATE_URLS"
+        )
+        async with httpx.AsyncClient(
+            timeout=self.timeout, follow_redirects=False, trust_env=False, transport=transport
+        ) as client:
             response = await client.post(delivery.url, content=body, headers=headers)
         if not 200 <= response.status_code < 300:
             raise Invalid(f"{delivery.url} answered {response.status_code}")
