@@ -41,3 +41,15 @@ def not_grantable(held: Iterable[str], wanted: Iterable[str]) -> list[str]:
     """The permissions in `wanted` that someone holding `held` may not pass on."""
     held = set(held)
     return [permission for permission in wanted if not allows(held, permission)]
+
+
+# An owner entry sharing a thing with everyone (ESD's `allowed_roles_or_users: ["*"]`).
+EVERYONE = "*"
+
+
+def shared_with(owners: Iterable[str], roles: Iterable[str], username: str) -> bool:
+    """Whether a thing owned by `owners` (ESD's `allowed_roles_or_users`) is shared with a
+    user: with everyone, with the user by name, or with one of its roles. A thing with no
+    owners is everyone's."""
+    owners = set(owners)
+    return not owners or EVERYONE in owners or username in owners or bool(owners & set(roles))

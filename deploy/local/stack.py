@@ -176,6 +176,7 @@ class LocalStack:
             "ESD_ADMIN_PASSWORD": value("ESD_ADMIN_PASSWORD"),
             # Standard Webhooks' secret form: a receiver verifies signatures with it
             "ESD_WEBHOOK_SECRET": value("ESD_WEBHOOK_SECRET", new_webhook_secret),
+            "ESD_TOKEN_KEY": value("ESD_TOKEN_KEY", lambda: secrets.token_hex(32)),  # keys the tokens' digests
         }
         if self.s3_external:
             # an outside S3 comes with its own credentials, or none (the default AWS chain)
@@ -189,6 +190,7 @@ class LocalStack:
         self.api_key = values["ESD_API_KEY"]
         self.admin_password = values["ESD_ADMIN_PASSWORD"]
         self.webhook_secret = values["ESD_WEBHOOK_SECRET"]
+        self.token_key = values["ESD_TOKEN_KEY"]
         merged = {**stored, **values}
         if merged != stored:
             self.secrets_file.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +208,7 @@ class LocalStack:
             "ESD_ADMIN_USERNAME": self.admin_username,
             "ESD_ADMIN_PASSWORD": self.admin_password,
             "ESD_WEBHOOK_SECRET": self.webhook_secret,
+            "ESD_TOKEN_KEY": self.token_key,
             "ESD_GATEWAY_PORT": str(self.gateway_port),
             "ESD_VAR_DIR": str(self.var_dir),
             "ESD_LOG_FORMAT": "json",

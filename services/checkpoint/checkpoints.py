@@ -243,6 +243,7 @@ class Checkpoints:
             checkpoint is None
             or checkpoint.type is not command.checkpoint_type
             or checkpoint.status is not CheckpointStatus.ACTIVE
+            or not domain.reachable(checkpoint, command.actor)  # another role's is not there for it
         ):
             raise not_found
         return checkpoint.item()

@@ -23,9 +23,7 @@ from shared.contracts.checkpoint import (
 from shared.contracts.identity import Principal
 from shared.errors import Invalid
 from shared.net import check_http_url
-from shared.permissions import allows
-
-EVERYONE = "*"
+from shared.permissions import EVERYONE, allows, shared_with
 
 
 @dataclass
@@ -97,8 +95,7 @@ def duplicates_within(names: Iterable[str]) -> str | None:
 
 def visible_to(checkpoint: Checkpoint, roles: Iterable[str], username: str) -> bool:
     """Shared with everyone, with the user by name, or with one of its roles."""
-    owners = set(checkpoint.allowed_roles)
-    return not owners or EVERYONE in owners or username in owners or bool(owners & set(roles))
+    return shared_with(checkpoint.allowed_roles, roles, username)
 
 
 def sees_everything(actor: Principal) -> bool:

@@ -25,7 +25,7 @@ from shared.contracts.inference import (
 from shared.contracts.workers import WorkerState
 from shared.errors import Invalid, NotFound
 from shared.esd import esd_time
-from shared.permissions import allows
+from shared.permissions import allows, shared_with
 
 
 class Record(BaseModel):
@@ -260,3 +260,9 @@ def payload_key(task_type: str, inference_id: str) -> str:
 
 def output_prefix(inference_id: str) -> str:
     return f"out/{inference_id}/result"
+
+
+def may_use(entry: CatalogEntry, actor: Principal) -> bool:
+    """A checkpoint is usable by whom the checkpoint service shows it to: its owners' roles
+    (ESD's `allowed_roles_or_users`), or anyone holding `checkpoint:all`."""
+    return allows(actor.permissions, "checkpoint:all") or shared_with(entry.allowed_roles, actor.roles, actor.username)

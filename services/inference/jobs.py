@@ -19,6 +19,7 @@ from faststream.rabbit import RabbitBroker
 from services.inference import domain
 from services.inference.domain import Endpoint, InferenceJob
 from services.inference.store import InferenceStore
+from shared.contracts.identity import Principal
 from shared.contracts.inference import (
     CancelInference,
     CreatedInference,
@@ -119,7 +120,7 @@ class Jobs:
             candidates[0] if len(candidates) == 1 else domain.least_busy(candidates, await self._loads(candidates))
         )
         domain.check_runnable(command.task_type, command.models)
-        files, refs = await self._models(command.models)
+        files, refs = await self._models(command.models, command.actor)
         inference_id = str(uuid.uuid4())
         job = InferenceJob(
             id=inference_id,
@@ -198,15 +199,16 @@ class Jobs:
             loads[endpoint.name] = domain.load_of(queued, busy, len(live))
         return loads
 
-    async def _models(self, models: dict[str, list[str]]) -> tuple[list[ModelFile], list[ModelRef]]:
+    async def _models(self, models: dict[str, list[str]], actor: Principal) -> tuple[list[ModelFile], list[ModelRef]]:
         """The files a worker fetches, and ESD's list of the models by type; every named
-        checkpoint must be in the catalog."""
+        checkpoint must be in the catalog and shared with the actor (another role's is not
+        there for it)."""
         files: list[ModelFile] = []
         refs: dict[str, ModelRef] = {}
         missing: list[str] = []
         for checkpoint_type, name in domain.requested_models(models):
             entry = await self.store.find_model(checkpoint_type, name)
-            if entry is None:
+            if entry is None or not domain.may_use(entry, actor):
                 missing.append(f"checkpoint with name {name}, type {checkpoint_type} is not found")
                 continue
             files.append(

@@ -73,6 +73,16 @@ def dataset_prefix(name: str) -> str:
     return f"dataset/{name}/"
 
 
+def dataset_of(prefix: str) -> tuple[str | None, str]:
+    """The dataset a key prefix lies in, and the folder under it (`dataset/d/5_cat/` ->
+    `("d", "5_cat/")`); None when the prefix is in no dataset."""
+    top, _, rest = prefix.partition("/")
+    name, _, subfolder = rest.partition("/")
+    if top != "dataset" or not name:
+        return None, ""
+    return name, subfolder
+
+
 def dataset_files(name: str, prefix: str | None, files) -> list[StoredFile]:
     """Where each of a new dataset's files goes (under the kohya folder, if one is given); a
     file named twice is a 400."""

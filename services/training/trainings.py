@@ -149,32 +149,43 @@ class Trainings:
             )
 
     async def _base_model(self, actor: Principal, name: str | None, s3_path: str | None) -> tuple[str, str]:
-        if name:
-            try:
-                item = await self.rpc.call(
-                    checkpoints.FIND_CHECKPOINT,
-                    checkpoints.FindCheckpoint(
-                        actor=actor, checkpoint_type=checkpoints.CheckpointType.STABLE_DIFFUSION, name=name
-                    ),
-                )
-            except NotFound as missing:  # for this request, a bad base model is a bad input
-                raise Invalid(missing.message) from None
-            return f"{self.storage.key_of(item.s3Location)}/{name}", name
-        key = self.storage.key_of(s3_path or "")
-        if await self.storage.size(key) is None:
-            raise Invalid(f"s3_model_path {s3_path} does not exist")
-        return key, key.rsplit("/", 1)[-1]
+        """The base model's key and file name: an Active Stable-diffusion checkpoint shared with
+        the actor, named by its file name or by its file's `s3://` path (a path is not a way
+        around whom the checkpoint is shared with)."""
+        key = self.storage.key_of(s3_path) if not name and s3_path else None
+        wanted = name or (key or "").rsplit("/", 1)[-1]
+        try:
+            item = await self.rpc.call(
+                checkpoints.FIND_CHECKPOINT,
+                checkpoints.FindCheckpoint(
+                    actor=actor, checkpoint_type=checkpoints.CheckpointType.STABLE_DIFFUSION, name=wanted
+                ),
+            )
+        except NotFound as missing:  # for this request, a bad base model is a bad input
+            if key is not None:
+                raise Invalid(f"s3_model_path {s3_path} is not an Active Stable-diffusion checkpoint") from None
+            raise Invalid(missing.message) from None
+        found = f"{self.storage.key_of(item.s3Location)}/{wanted}"
+        if key is not None and key != found:
+            raise Invalid(f"s3_model_path {s3_path} is not an Active Stable-diffusion checkpoint")
+        return found, wanted
 
     async def _data(self, actor: Principal, dataset: str | None, s3_path: str | None) -> str:
-        if dataset:
-            found = await self.store.dataset(dataset)
-            if found is None or not domain.dataset_reachable(actor, found):
-                raise Invalid(f"dataset {dataset} is not found")
-            if found.status is not DatasetStatus.ENABLED:
-                raise Invalid(f"dataset {dataset} is not Enabled yet: upload its files, then PUT status Enabled")
-            return domain.dataset_prefix(dataset)
-        prefix = self.storage.key_of(s3_path or "").rstrip("/") + "/"
-        if not await self.storage.keys(prefix):
+        """The training data's prefix: a dataset shared with the actor, by name or by an
+        `s3://` path inside it (a path is not a way around whom the dataset is shared with)."""
+        subfolder = ""
+        if not dataset:
+            prefix = self.storage.key_of(s3_path or "").rstrip("/") + "/"
+            dataset, subfolder = domain.dataset_of(prefix)
+            if dataset is None:
+                raise Invalid(f"s3_data_path {s3_path} is not in a dataset (s3://<bucket>/dataset/<name>/...)")
+        found = await self.store.dataset(dataset)
+        if found is None or not domain.dataset_reachable(actor, found):
+            raise Invalid(f"dataset {dataset} is not found")
+        if found.status is not DatasetStatus.ENABLED:
+            raise Invalid(f"dataset {dataset} is not Enabled yet: upload its files, then PUT status Enabled")
+        prefix = domain.dataset_prefix(dataset) + subfolder
+        if subfolder and not await self.storage.keys(prefix):
             raise Invalid(f"s3_data_path {s3_path} holds no files")
         return prefix
 

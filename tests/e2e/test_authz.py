@@ -222,6 +222,28 @@ def test_esd_mode_keeps_the_initial_bootstrap_of_api_md(esd):
 # --- another role's things --------------------------------------------------------------------
 
 
+def make_checkpoint(call: Caller, user: str, checkpoint_type: str) -> tuple[str, str]:
+    """An Active checkpoint of the user's roles (its file holds no real weights): id, file name."""
+    name = unique(user) + ".safetensors"
+    created = call(
+        "POST",
+        "/checkpoints",
+        user=user,
+        json={"checkpoint_type": checkpoint_type, "filenames": [{"filename": name, "parts_number": 1}]},
+    )
+    assert created.status_code == 201, created.text
+    checkpoint_id = created.json()["data"]["checkpoint"]["id"]
+    etag = httpx.put(created.json()["data"]["s3PresignUrl"][name][0], content=b"weights").headers["etag"]
+    activated = call(
+        "PUT",
+        f"/checkpoints/{checkpoint_id}",
+        user=user,
+        json={"status": "Active", "multi_parts_tags": {name: [{"ETag": etag, "PartNumber": 1}]}},
+    )
+    assert activated.status_code == 200, activated.text
+    return checkpoint_id, name
+
+
 @pytest.fixture(scope="module")
 def victims(esd, stack) -> dict:
     """A victim's checkpoint, dataset, endpoint and job, made by its own role."""
@@ -239,23 +261,9 @@ def victims(esd, stack) -> dict:
         + ["sagemaker_endpoint:list"],
         user="admin",
     )
-    name = unique("victim") + ".safetensors"
-    created = esd(
-        "POST",
-        "/checkpoints",
-        user=victim,
-        json={"checkpoint_type": "Lora", "filenames": [{"filename": name, "parts_number": 1}]},
-    )
-    assert created.status_code == 201, created.text
-    checkpoint_id = created.json()["data"]["checkpoint"]["id"]
-    etag = httpx.put(created.json()["data"]["s3PresignUrl"][name][0], content=b"weights").headers["etag"]
-    activated = esd(
-        "PUT",
-        f"/checkpoints/{checkpoint_id}",
-        user=victim,
-        json={"status": "Active", "multi_parts_tags": {name: [{"ETag": etag, "PartNumber": 1}]}},
-    )
-    assert activated.status_code == 200, activated.text
+
+    checkpoint_id, name = make_checkpoint(esd, victim, "Lora")
+    base_model_id, base_model = make_checkpoint(esd, victim, "Stable-diffusion")
     dataset = unique("victim-set")
     assert esd("POST", "/datasets", user=victim, json={**DATASET_BODY, "dataset_name": dataset}).status_code == 201
     endpoint = esd(
@@ -286,6 +294,8 @@ def victims(esd, stack) -> dict:
         "attacker": attacker,
         "checkpoint": checkpoint_id,
         "checkpoint_name": name,
+        "base_model": base_model,
+        "base_model_id": base_model_id,
         "dataset": dataset,
         "endpoint": endpoint_name,
         "job": job.json()["data"]["inference"]["id"],
@@ -353,6 +363,76 @@ def test_train_all_does_not_reach_another_roles_dataset(esd, victims):
     assert esd("PUT", f"/datasets/{dataset}", user=attacker, json={"status": "Enabled"}).status_code == 404
     assert esd("DELETE", "/datasets", user=attacker, json={"dataset_name_list": [dataset]}).status_code == 204
     assert esd("GET", f"/datasets/{dataset}", user=victim).status_code == 200  # still there
+
+
+def test_another_roles_checkpoints_cannot_be_used_by_name_or_by_path(esd, victims):
+    attacker, victim = victims["attacker"], victims["victim"]
+    lora, base_model = victims["checkpoint_name"], victims["base_model"]
+    endpoint = esd(
+        "POST",
+        "/endpoints",
+        user="admin",
+        json={**ENDPOINT_BODY, "endpoint_name": unique("att"), "assign_to_roles": [f"{attacker}-role"]}
+        | {"autoscaling_enabled": True, "min_instance_number": 0, "max_instance_number": 1},
+    )
+    assert endpoint.status_code == 202, endpoint.text
+    endpoint_name = endpoint.json()["data"]["endpoint_name"]
+    try:
+        wait_for(
+            lambda: any(
+                e["endpoint_name"] == endpoint_name and e["endpoint_status"] == "InService"
+                for e in esd("GET", "/endpoints", user=attacker).json()["data"]["endpoints"]
+            ),
+            timeout=180,
+            what=f"endpoint {endpoint_name}",
+        )
+        job = {
+            "task_type": "txt2img",
+            "inference_type": "Async",
+            "sagemaker_endpoint_name": endpoint_name,
+            "models": {"Stable-diffusion": [base_model], "Lora": [lora]},
+        }
+        refused = esd("POST", "/inferences", user=attacker, json=job)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["message"] == (
+            f"checkpoint with name {base_model}, type Stable-diffusion is not found "
+            f"checkpoint with name {lora}, type Lora is not found"
+        )
+    finally:
+        esd("DELETE", "/endpoints", user="admin", json={"endpoint_name_list": [endpoint_name]})
+
+    location = esd("GET", f"/checkpoints/{victims['base_model_id']}", user=victim).json()["data"]["checkpoint"]
+    victims_model = f"{location['s3Location']}/{base_model}"
+    bucket = location["s3Location"].removeprefix("s3://").split("/", 1)[0]
+    dataset, victims_data = victims["dataset"], f"s3://{bucket}/dataset/{victims['dataset']}/"
+    _, own_model = make_checkpoint(esd, attacker, "Stable-diffusion")
+
+    def train(user: str, **training_params) -> str:
+        params = {"training_instance_type": "local", "fm_type": "sd_1_5", **training_params}
+        config = {"training": {"output_name": unique("lora")}}  # a name no other training took
+        body = {"lora_train_type": "kohya", "params": {"training_params": params, "config_params": config}}
+        response = esd("POST", "/trainings", user=user, json=body)
+        assert response.status_code == 400, response.text
+        return response.json()["message"]
+
+    not_a_model = "is not an Active Stable-diffusion checkpoint"
+    assert train(attacker, model=base_model, dataset=dataset) == (
+        f"checkpoint with name {base_model}, type Stable-diffusion is not found"
+    )
+    assert (
+        train(attacker, s3_model_path=victims_model, dataset=dataset) == f"s3_model_path {victims_model} {not_a_model}"
+    )
+    outside = f"s3://{bucket}/elsewhere/{own_model}"  # the attacker's file name, not its file
+    assert train(attacker, s3_model_path=outside, dataset=dataset) == f"s3_model_path {outside} {not_a_model}"
+    assert train(attacker, model=own_model, dataset=dataset) == f"dataset {dataset} is not found"
+    assert train(attacker, model=own_model, s3_data_path=victims_data) == f"dataset {dataset} is not found"
+    assert train(attacker, model=own_model, s3_data_path=location["s3Location"]) == (
+        f"s3_data_path {location['s3Location']} is not in a dataset (s3://<bucket>/dataset/<name>/...)"
+    )
+    # the same paths reach the things for a user they are shared with (here: not Enabled yet)
+    assert train("admin", s3_model_path=victims_model, s3_data_path=victims_data) == (
+        f"dataset {dataset} is not Enabled yet: upload its files, then PUT status Enabled"
+    )
 
 
 # --- the token mode ---------------------------------------------------------------------------

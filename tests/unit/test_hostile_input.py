@@ -417,3 +417,12 @@ async def test_a_start_whose_storage_stalls_answers_503_in_time_and_dispatches_n
     with pytest.raises(Unavailable, match="object storage did not answer within 0.2 s .* nothing was started"):
         await jobs.start(StartInference(actor=alice, inference_id="job-1"))
     assert transitions == []  # not dispatched: the client's retry is the only run
+
+
+def test_a_data_path_names_the_dataset_it_lies_in():
+    from services.training.domain import dataset_of
+
+    assert dataset_of("dataset/cats/") == ("cats", "")
+    assert dataset_of("dataset/cats/5_cat/") == ("cats", "5_cat/")
+    assert dataset_of("checkpoint/Lora/x/") == (None, "")
+    assert dataset_of("dataset//") == (None, "")
