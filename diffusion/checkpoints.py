@@ -25,6 +25,10 @@ from transformers import CLIPTokenizer
 from diffusion import layout, tokenizers
 from diffusion.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
 from shared.errors import Invalid
+from shared.untrusted import load_json
+
+# an architecture's config nests a few levels; a user's file may claim anything
+METADATA_MAX_DEPTH = 32
 
 # Where `diffusion.testing.make_tiny_checkpoint` stores the tiny architecture (safetensors header).
 TINY_METADATA_KEY = "esd.tiny_sd"
@@ -183,7 +187,15 @@ def tiny_metadata(checkpoint: str | Path) -> dict | None:
     `make_tiny_sdxl_checkpoint`: its metadata has a `text_encoder_2`), or None."""
     if Path(checkpoint).suffix.lower() != ".safetensors":
         return None
-    with safe_open(str(checkpoint), framework="pt") as handle:
+    return metadata_json(Path(checkpoint), TINY_METADATA_KEY, TINY_SDXL_METADATA_KEY)
+
+
+def metadata_json(path: Path, *keys: str) -> dict | None:
+    """The JSON a safetensors file's metadata holds under the first of `keys` it has, or None.
+    The file is a user's: a document nested thousands deep is refused, not a RecursionError."""
+    with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    text = metadata.get(TINY_METADATA_KEY) or metadata.get(TINY_SDXL_METADATA_KEY)
-    return json.loads(text) if text else None
+    text = next((metadata[key] for key in keys if metadata.get(key)), None)
+    if not text:
+        return None
+    return load_json(text, what=f"{path.name}'s metadata {keys[0]}", max_depth=METADATA_MAX_DEPTH)

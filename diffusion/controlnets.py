@@ -11,17 +11,15 @@ base model's family: an SDXL ControlNet cannot steer an SD 1.x UNet.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel
-from safetensors import safe_open
 
 from diffusion import layout
-from diffusion.checkpoints import Architecture, UnsupportedCheckpoint, read_state_dict
+from diffusion.checkpoints import Architecture, UnsupportedCheckpoint, metadata_json, read_state_dict
 from diffusion.configs import SD15_CONFIGS, SDXL_CONFIGS, read_config
 
 # Where `diffusion.testing.make_tiny_controlnet` stores its config (safetensors header).
@@ -156,6 +154,4 @@ def load_controlnet(
 def _tiny_config(path: Path) -> dict | None:
     if path.suffix.lower() != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as handle:
-        text = (handle.metadata() or {}).get(TINY_CONTROLNET_METADATA_KEY)
-    return json.loads(text) if text else None
+    return metadata_json(path, TINY_CONTROLNET_METADATA_KEY)

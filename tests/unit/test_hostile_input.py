@@ -426,3 +426,15 @@ def test_a_data_path_names_the_dataset_it_lies_in():
     assert dataset_of("dataset/cats/5_cat/") == ("cats", "5_cat/")
     assert dataset_of("checkpoint/Lora/x/") == (None, "")
     assert dataset_of("dataset//") == (None, "")
+
+
+def test_a_checkpoints_metadata_nested_thousands_deep_is_refused_not_a_recursion_error(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusion.checkpoints import TINY_METADATA_KEY, tiny_metadata
+
+    path = tmp_path / "deep.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={TINY_METADATA_KEY: "[" * 10_000 + "]" * 10_000})
+    with pytest.raises(Invalid, match="deep.safetensors's metadata .* nests arrays and objects deeper than 32"):
+        tiny_metadata(path)

@@ -117,6 +117,13 @@ def test_sizes_out_of_range_are_refused():
         plan_upscale((4000, 3000), single(upscaling_resize=8))
 
 
+def test_an_output_may_hold_four_times_the_pixels_an_input_may(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    assert plan_upscale((1000, 1000), single(upscaling_resize=2)).target == (2000, 2000)
+    with pytest.raises(InvalidPayload, match=r"would be 2008x2008, over 4000000 pixels \(4 x ESD_MAX_IMAGE_PIXELS\)"):
+        plan_upscale((1004, 1004), single(upscaling_resize=2))
+
+
 def test_the_crop_centres_the_image_on_the_asked_canvas():
     cropped = np.asarray(centre_crop(Image.new("RGB", (128, 96), "white"), (100, 100)))
     assert cropped.shape == (100, 100, 3)

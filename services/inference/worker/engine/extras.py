@@ -24,6 +24,7 @@ from typing import Any, Literal
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffusion.images import PIXELS_SETTING
 from services.inference.worker.engine.outputs import ImagesResult, NamedImage, output_names, png
 from services.inference.worker.engine.request import InvalidPayload, decode_image
 from services.inference.worker.engine.upscalers import Size, Upscalers
@@ -31,6 +32,9 @@ from shared.errors import Invalid
 
 EXTRAS_TASKS = ("extra-single-image", "extra-batch-images")
 MAX_SIDE = 16384  # pixels of an output's side; beyond that an image is a mistake, not a wish
+# an upscale's output may hold this many times the pixels an input may (ESD_MAX_IMAGE_PIXELS):
+# 100 MP by default, a 2048x2048 image upscaled 4x fits; a bomb of a request does not
+OUTPUT_PIXELS_FACTOR = 4
 
 
 class FaceRestorationUnavailable(Invalid):
@@ -169,6 +173,12 @@ def plan_upscale(size: Size, request: ExtrasRequest) -> UpscalePlan:
         raise InvalidPayload(
             f"the image ({width}x{height}) upscaled by {factor:g} would be {target[0]}x{target[1]}, "
             f"over {MAX_SIDE} pixels a side"
+        )
+    most = OUTPUT_PIXELS_FACTOR * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if most is not None and target[0] * target[1] > most:
+        raise InvalidPayload(
+            f"the image ({width}x{height}) upscaled by {factor:g} would be {target[0]}x{target[1]}, "
+            f"over {most} pixels ({OUTPUT_PIXELS_FACTOR} x {PIXELS_SETTING})"
         )
     return UpscalePlan(factor=factor, target=target, crop=crop)
 
