@@ -122,6 +122,11 @@ def output_prefix(training_id: str) -> str:
     return f"kohya/train/{training_id}/output"
 
 
+def default_output_name(training_id: str) -> str:
+    """The LoRA's name when the training does not give one."""
+    return f"lora-{training_id[:8]}"
+
+
 def lora_file_name(output_name: str) -> str:
     """The file a training's LoRA is saved as (kohya's `<output_name>.safetensors`)."""
     return f"{output_name}.safetensors"

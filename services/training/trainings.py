@@ -84,10 +84,11 @@ class Trainings:
                 doing="send webhooks to",
                 setting="ESD_WEBHOOK_ALLOW_PRIVATE_URLS",
             )
+        training_id = str(uuid.uuid4())
+        command = self._named(command, training_id)
         await self._check_output_name(command)
         model_key, model_name = await self._base_model(command.actor, params.model, params.s3_model_path)
         data_prefix = await self._data(command.actor, params.dataset, params.s3_data_path)
-        training_id = str(uuid.uuid4())
         training = TrainingJob(
             id=training_id,
             status=TrainingStatus.INITIAL,
@@ -136,6 +137,16 @@ class Trainings:
             input_location=self.storage.uri(data_prefix),
             output_location=self.storage.uri(training.output_prefix),
         )
+
+    @staticmethod
+    def _named(command: CreateTraining, training_id: str) -> CreateTraining:
+        """A training that does not name its LoRA (kohya's `output_name`) gets a name of its
+        own: one fixed default would be taken from the second such training on."""
+        config = TrainingConfig.from_esd(command.params.config_params, fm_type=command.params.training_params.fm_type)
+        if "output_name" in config.model_fields_set:
+            return command
+        config_params = {**command.params.config_params, "output_name": domain.default_output_name(training_id)}
+        return command.model_copy(update={"params": command.params.model_copy(update={"config_params": config_params})})
 
     async def _check_output_name(self, command: CreateTraining) -> None:
         """The LoRA will be a checkpoint named after `output_name`: a name already taken is a

@@ -141,3 +141,23 @@ def test_the_contract_needs_no_torch():
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", check], cwd=root, check=True, timeout=60)
+
+
+def test_a_training_that_does_not_name_its_lora_gets_a_name_of_its_own():
+    from services.training.trainings import Trainings
+    from shared.contracts.identity import Principal
+    from shared.contracts.training import CreateTraining
+
+    def command(config_params: dict) -> CreateTraining:
+        return CreateTraining.model_validate(
+            {
+                "actor": Principal(username="u", roles=[], permissions=[]),
+                "params": {"training_params": {"model": "m", "dataset": "d"}, "config_params": config_params},
+            }
+        )
+
+    unnamed = Trainings._named(command({"training": {"max_train_epochs": 2}}), "0123abcd-ffff")
+    assert unnamed.params.config_params == {"training": {"max_train_epochs": 2}, "output_name": "lora-0123abcd"}
+    assert TrainingConfig.from_esd(unnamed.params.config_params).output_name == "lora-0123abcd"
+    for named in ({"training": {"output_name": "cats"}}, {"saving_arguments": {"output_name": "cats"}}):
+        assert Trainings._named(command(named), "0123abcd-ffff").params.config_params == named
