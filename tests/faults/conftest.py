@@ -17,6 +17,15 @@ from deploy.local.servers import EmbeddedRabbitMQ
 from deploy.local.stack import LocalStack, free_port
 from tests.e2e.conftest import Api
 
+FIGURES: dict[str, str] = {}  # fault -> what the load came to
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.section("fault figures")
+        for fault, line in FIGURES.items():
+            terminalreporter.write_line(f"{fault:<18} {line}")
+
 
 def processes_of(var_dir: Path, module: str | None = None) -> list[int]:
     """Pids of the live processes of the stack under `var_dir` (its environment says so), those

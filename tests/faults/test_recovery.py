@@ -75,7 +75,7 @@ def endpoint(api) -> str:
             "assign_to_roles": ["IT Operator"],
         },
     )
-    assert created.status_code == 200, created.text
+    assert created.status_code == 202, created.text
     name = created.json()["data"]["endpoint_name"]
 
     def in_service() -> bool:
