@@ -193,7 +193,7 @@ class Load:
                         break
                     if response.status_code == 200 and response.json()["data"]["status"] in FINAL:
                         finals[job_id] = response.json()["data"]
-                        figures.latencies.append(finals[job_id]["completed_at"] and _done_after(finals[job_id]))
+                        figures.latencies.append(_done_after(finals[job_id]))
                         pending.pop(job_id)
                 if pending:
                     time.sleep(1)
@@ -229,8 +229,8 @@ def _done_after(job: dict) -> float | None:
     try:
         from datetime import datetime
 
-        created = datetime.fromisoformat(job["created_at"])
-        completed = datetime.fromisoformat(job["completed_at"])
+        created = datetime.fromisoformat(job["createTime"])
+        completed = datetime.fromisoformat(job["completeTime"])
     except (KeyError, TypeError, ValueError):
         return None
     return (completed - created).total_seconds()
