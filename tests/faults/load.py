@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import httpx
 
@@ -46,6 +47,7 @@ class Figures:
     hung: list[Call] = field(default_factory=list)  # calls with no answer within their timeout
     unnamed_503: list[Call] = field(default_factory=list)  # a 503 that does not say what is down
     latencies: list[float] = field(default_factory=list)  # submit to done, seconds
+    span: float = 0.0  # seconds from the first job's creation to the last one's end
 
     def line(self) -> str:
         return (
@@ -72,13 +74,13 @@ class Load:
         pause: float = 0.5,
         timeout: float = 30.0,
         retry_for: float = 120.0,
-        jobs_per_client: int | None = None,
+        total: int | None = None,
     ) -> None:
         self.url, self.endpoint, self.model = url, endpoint, model
         self.headers = {"x-api-key": api_key, "username": user}
         self.clients, self.readers, self.pause = clients, readers, pause
         self.timeout, self.retry_for = timeout, retry_for
-        self.jobs_per_client = jobs_per_client
+        self.budget = total  # jobs all clients together submit (None: until stopped)
         self.jobs: dict[str, float] = {}  # id -> when it was submitted (monotonic)
         self.calls: list[Call] = []
         self.given_up = 0
@@ -102,7 +104,7 @@ class Load:
             thread.join()
 
     def wait_submitted(self) -> None:
-        """Until every client has submitted its `jobs_per_client` (bench)."""
+        """Until the clients have submitted `total` jobs (bench)."""
         for thread in self.threads[: self.clients]:
             thread.join()
 
@@ -159,12 +161,13 @@ class Load:
 
     def _submit_forever(self) -> None:
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout) as http:
-            count = 0
             while not self.stopping.is_set():
-                if self.jobs_per_client is not None and count >= self.jobs_per_client:
-                    return
+                if self.budget is not None:
+                    with self.lock:
+                        if self.budget == 0:
+                            return
+                        self.budget -= 1
                 self.submit(http)
-                count += 1
                 self.stopping.wait(self.pause)
 
     def _read_forever(self) -> None:
@@ -197,7 +200,10 @@ class Load:
                         pending.pop(job_id)
                 if pending:
                     time.sleep(1)
-        figures.latencies = [seconds for seconds in figures.latencies if seconds]
+        figures.latencies = [seconds for seconds in figures.latencies if seconds is not None]
+        times = [(_time(job, "createTime"), _time(job, "completeTime")) for job in finals.values()]
+        if times and all(created and completed for created, completed in times):
+            figures.span = max(completed for _, completed in times) - min(created for created, _ in times)
         figures.lost = len(pending)
         for job_id, job in finals.items():
             if job["status"] == "succeed":
@@ -224,16 +230,18 @@ class Load:
         return figures
 
 
-def _done_after(job: dict) -> float | None:
-    """Seconds from the job's creation to its end, as the job's record says."""
+def _time(job: dict, name: str) -> float | None:
+    """A time of the job's record (ESD's `2024-02-05 06:10:52.552528`, UTC) as a timestamp."""
     try:
-        from datetime import datetime
-
-        created = datetime.fromisoformat(job["createTime"])
-        completed = datetime.fromisoformat(job["completeTime"])
+        return datetime.fromisoformat(job[name]).timestamp()
     except (KeyError, TypeError, ValueError):
         return None
-    return (completed - created).total_seconds()
+
+
+def _done_after(job: dict) -> float | None:
+    """Seconds from the job's creation (its submission) to its end, as its record says."""
+    created, completed = _time(job, "createTime"), _time(job, "completeTime")
+    return None if created is None or completed is None else completed - created
 
 
 def percentile(values: list[float], q: float) -> float:
