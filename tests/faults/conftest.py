@@ -16,6 +16,7 @@ import pytest
 from deploy.local.servers import EmbeddedRabbitMQ
 from deploy.local.stack import LocalStack, free_port
 from tests.e2e.conftest import Api
+from tests.support import wait_for
 
 FIGURES: dict[str, str] = {}  # fault -> what the load came to
 
@@ -54,6 +55,18 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def remove_endpoint(stack, api, name: str) -> None:
+    """Deletes an endpoint and waits until its workers are gone: the host's two worker places
+    are the next module's."""
+    response = api("DELETE", "/endpoints", json={"endpoint_name_list": [name]})
+    assert response.status_code in (200, 204), response.text
+    wait_for(
+        lambda: not processes_of(stack.var_dir, "services.inference.worker"),
+        timeout=120,
+        what=f"the workers of {name} to stop",
+    )
 
 
 @pytest.fixture(scope="session")

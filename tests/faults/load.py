@@ -43,6 +43,7 @@ class Figures:
     duplicated: int = 0
     given_up: int = 0  # submissions that never got an answer with an id
     unavailable: int = 0  # 503 answers while something was down
+    refused: int = 0  # calls with no answer at all (the gateway down: refused, reset)
     server_errors: list[Call] = field(default_factory=list)  # 5xx other than 503
     hung: list[Call] = field(default_factory=list)  # calls with no answer within their timeout
     unnamed_503: list[Call] = field(default_factory=list)  # a 503 that does not say what is down
@@ -53,6 +54,7 @@ class Figures:
         return (
             f"submitted {self.submitted} / completed {self.completed} / failed {self.failed} / "
             f"lost {self.lost} / duplicated {self.duplicated}; {self.unavailable} answers 503, "
+            f"{self.refused} refused, "
             f"{len(self.server_errors)} other 5xx, {len(self.hung)} hung, {self.given_up} submissions given up"
         )
 
@@ -227,6 +229,8 @@ class Load:
                 figures.server_errors.append(call)
             elif call.status == -1:
                 figures.hung.append(call)
+            elif call.status == 0:
+                figures.refused += 1
         return figures
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from deploy.local.first_image import TINY_MODEL, Client, _ensure_model
 from deploy.local.process import ManagedProcess, port_open
 from deploy.local.servers import EmbeddedMongo
 from tests.e2e.test_training import make_dataset, unique
-from tests.faults.conftest import FIGURES, processes_of
+from tests.faults.conftest import FIGURES, processes_of, remove_endpoint
 from tests.faults.load import Load
 from tests.support import wait_for
 
@@ -45,7 +46,7 @@ def storage(stack):
 
 
 @pytest.fixture(scope="module")
-def endpoint(stack, api, tmp_path_factory) -> str:
+def endpoint(stack, api, tmp_path_factory) -> Iterator[str]:
     _ensure_model(Client(stack.gateway_url, stack.api_key, stack.admin_username), tmp_path_factory.mktemp("m"), print)
     created = api(
         "POST",
@@ -67,7 +68,8 @@ def endpoint(stack, api, tmp_path_factory) -> str:
         return any(e["endpoint_name"] == name and e["current_instance_count"] == "2" for e in listed)
 
     wait_for(in_service, timeout=240, what="the endpoint's two workers")
-    return name
+    yield name
+    remove_endpoint(stack, api, name)
 
 
 @contextmanager
