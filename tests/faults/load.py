@@ -41,7 +41,7 @@ class Figures:
     failed: int = 0
     lost: int = 0
     duplicated: int = 0
-    given_up: int = 0  # submissions that never got an answer with an id
+    given_up: list[str] = field(default_factory=list)  # submissions never answered with an id: the last answer
     unavailable: int = 0  # 503 answers while something was down
     refused: int = 0  # calls with no answer at all (the gateway down: refused, reset)
     server_errors: list[Call] = field(default_factory=list)  # 5xx other than 503
@@ -55,7 +55,7 @@ class Figures:
             f"submitted {self.submitted} / completed {self.completed} / failed {self.failed} / "
             f"lost {self.lost} / duplicated {self.duplicated}; {self.unavailable} answers 503, "
             f"{self.refused} refused, "
-            f"{len(self.server_errors)} other 5xx, {len(self.hung)} hung, {self.given_up} submissions given up"
+            f"{len(self.server_errors)} other 5xx, {len(self.hung)} hung, {len(self.given_up)} submissions given up"
         )
 
 
@@ -85,7 +85,7 @@ class Load:
         self.budget = total  # jobs all clients together submit (None: until stopped)
         self.jobs: dict[str, float] = {}  # id -> when it was submitted (monotonic)
         self.calls: list[Call] = []
-        self.given_up = 0
+        self.given_up: list[str] = []  # per submission given up: the last answer it had
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
@@ -145,8 +145,11 @@ class Load:
         }
         submitted = time.monotonic()
         deadline = submitted + self.retry_for
+        last = "no answer"
         while time.monotonic() < deadline:
             response = self._call(http, "POST", "/inferences", json=body, headers={"Idempotency-Key": key})
+            if response is not None:
+                last = f"{response.status_code} {response.text[:200]}"
             if response is not None and response.status_code in (200, 201, 202):
                 data = response.json()["data"]
                 inference = data.get("inference", data)
@@ -158,7 +161,7 @@ class Load:
                 raise AssertionError(f"a job was refused: {response.status_code} {response.text}")
             time.sleep(0.5)
         with self.lock:
-            self.given_up += 1
+            self.given_up.append(last)
         return None
 
     def _submit_forever(self) -> None:
@@ -185,7 +188,7 @@ class Load:
 
     def settle(self, storage, bucket: str, timeout: float = 300.0) -> Figures:
         """Waits until every submitted job is final (or `timeout`), then counts."""
-        figures = Figures(submitted=len(self.jobs), given_up=self.given_up)
+        figures = Figures(submitted=len(self.jobs), given_up=list(self.given_up))
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout) as http:
             pending = dict(self.jobs)
             finals: dict[str, dict] = {}
