@@ -69,7 +69,12 @@ async def idempotency_key(
     if key is None:
         return IdempotencyKey()
     try:
-        canonical = orjson.dumps(json.loads(await request.body() or b"{}"), option=orjson.OPT_SORT_KEYS)
+        parsed = json.loads(await request.body() or b"{}")
     except ValueError:
         canonical = await request.body()
+    else:
+        try:
+            canonical = orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # what orjson cannot write (integers past 64 bits, lone surrogates)
+            canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode()
     return IdempotencyKey(idempotency_key=key, request_fingerprint=hashlib.sha256(canonical).hexdigest())
