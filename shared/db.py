@@ -7,6 +7,10 @@ from pymongo import AsyncMongoClient
 
 from shared.settings import Settings
 
+# A database that is away fails an operation after this long, well within the caller's RPC
+# timeout (10 s), so that the caller hears "the database is unavailable" and not a timeout.
+SERVER_SELECTION_MS = 3_000
+
 
 def mongo_client(settings: Settings) -> AsyncMongoClient:
-    return AsyncMongoClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=10_000)
+    return AsyncMongoClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=SERVER_SELECTION_MS)

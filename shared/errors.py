@@ -74,6 +74,24 @@ class Internal(EsdError):
     status = 500
 
 
+def outage(error: BaseException) -> Unavailable | None:
+    """The dependency an exception says is away (the database, object storage, the broker), as
+    the caller hears it: a 503 naming it. None for anything else (a bug: a 500)."""
+    from aiormq.exceptions import AMQPError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+    from pymongo.errors import ConnectionFailure
+
+    if isinstance(error, ConnectionFailure):  # server selection timed out, connection lost
+        return Unavailable(f"the database is unavailable: {type(error).__name__}")
+    if isinstance(error, ConnectionError | HTTPClientError):
+        return Unavailable(f"object storage is unavailable: {type(error).__name__}")
+    if isinstance(error, ClientError) and error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+        return Unavailable(f"object storage is unavailable: {error.response['Error'].get('Code', 'error')}")
+    if isinstance(error, AMQPError):
+        return Unavailable(f"the message broker is unavailable: {type(error).__name__}")
+    return None
+
+
 _BY_KIND: dict[str, type[EsdError]] = {
     cls.__name__: cls
     for cls in (

@@ -22,6 +22,10 @@ from shared.errors import Conflict, Unprocessable
 from shared.rpc import Command
 
 WAIT_FOR_FIRST_SECONDS = 10.0
+# A first request still pending after this long died with its handler (its service killed, or
+# the database gone before the key could be freed): a repeat takes the key over. Well above the
+# callers' RPC timeout, which no live handler outlasts.
+CLAIM_SECONDS = 30.0
 
 
 class Idempotency:
@@ -49,7 +53,13 @@ class Idempotency:
         now = time.time()
         try:
             await self.keys.insert_one(
-                {"key": key, "fingerprint": fingerprint, "status": "pending", "expires_at": now + self.ttl}
+                {
+                    "key": key,
+                    "fingerprint": fingerprint,
+                    "status": "pending",
+                    "claimed_at": now,
+                    "expires_at": now + self.ttl,
+                }
             )
         except DuplicateKeyError:
             return await self._repeat(key, command, request, handler, fingerprint)
@@ -75,6 +85,11 @@ class Idempotency:
                 if command.reply is None or first.get("reply") is None:
                     return None
                 return command.reply.model_validate_json(first["reply"])
+            claimed_at = first.get("claimed_at")
+            if claimed_at is not None and claimed_at < time.time() - CLAIM_SECONDS:
+                # only that dead claim is removed: of two repeats taking over, one wins the insert
+                await self.keys.delete_one({"key": key, "status": "pending", "claimed_at": claimed_at})
+                return await self._once(key, command, request, handler)
             if time.monotonic() > deadline:
                 raise Conflict("a request with this Idempotency-Key is still being handled; try again later")
             await asyncio.sleep(0.05)

@@ -12,6 +12,13 @@
   own task, up to `concurrency` at once per command, acking a message once every request in it
   is answered. A reply is the result or an `ErrorInfo`: a domain error travels as itself,
   anything else as an internal error whose stack stays in the service's log.
+- **Live replicas**: a command's queue with no consumer has no live replica of its service
+  (RabbitMQ drops a consumer as soon as its connection closes, a killed process's included).
+  The client asks the broker (a passive declare: the queue's consumer count) before sending to
+  a queue not seen consumed within the last second, and every second for the calls still
+  waiting; a call to a service with no replica fails at once with `Unavailable`, instead of
+  after its timeout (or, chained, after several). This holds for any number of replicas and on
+  any orchestrator, as it asks the broker they all consume from.
 - **Batches**: the calls of one command that a client makes within one turn of its event loop
   travel as one message (`[[correlation id, request], ...]`), and the replies to one client
   that a server has ready within one turn travel as one message
@@ -45,7 +52,7 @@ import structlog
 from pamqp.commands import Basic
 from pydantic import BaseModel, ValidationError
 
-from shared.errors import ErrorInfo, EsdError, Internal, Invalid, Unavailable
+from shared.errors import ErrorInfo, EsdError, Internal, Invalid, Unavailable, outage
 from shared.metrics import RPC_CALL_SECONDS, RPC_HANDLE_SECONDS
 
 log = structlog.get_logger(__name__)
@@ -115,6 +122,7 @@ def health_check(service: str) -> Command[CheckHealth, Health]:
 
 RESULT, ERROR = "result", "error"
 MAX_BATCH = 32  # calls (or replies) in one message
+LIVE_FOR = 1.0  # seconds a queue seen with a consumer counts as served, without asking again
 
 
 def _result(result: Any) -> tuple[str, bytes]:
@@ -144,7 +152,11 @@ async def answer(command: Command, handler: Callable[[Any], Awaitable[Any]], req
     except EsdError as error:
         outcome = type(error).__name__
         return _error(error)
-    except Exception:
+    except Exception as error:
+        if (away := outage(error)) is not None:  # a dependency is down, not a bug: no stack trace
+            outcome = "Unavailable"
+            log.warning("rpc.dependency_unavailable", command=command.name, error=away.message)
+            return _error(away)
         outcome = "internal"
         log.exception("rpc.failed", command=command.name)
         return _error(Internal("internal error, see the service log"))
@@ -281,6 +293,12 @@ class RpcServer:
             self.connection = None
 
 
+def _fail(calls: list[_Call], error: Unavailable) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(error)
+
+
 def _log_failed_publish(task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("rpc.publish_failed", error=str(task.exception()))
@@ -292,6 +310,15 @@ class _Call:
     request: bytes
     future: asyncio.Future
     timeout: float
+    began: float = field(default_factory=time.monotonic)
+
+
+def no_replica(declared: Command) -> Unavailable:
+    return Unavailable(f"the {declared.service} service is unavailable: no replica of it is running")
+
+
+def broker_away(error: BaseException) -> Unavailable:
+    return Unavailable(f"the message broker is unavailable: {error or type(error).__name__}")
 
 
 class RpcClient:
@@ -310,6 +337,11 @@ class RpcClient:
         # calls made in this turn of the event loop, by command, sent together at its end
         self.outbox: dict[Command, list[tuple[str, _Call]]] = {}
         self.flushing = False
+        # live replicas: queue -> until when it counts as consumed; the broker's answers in flight
+        self.served_until: dict[str, float] = {}
+        self.asking: dict[str, asyncio.Future] = {}
+        self.probe: aio_pika.abc.AbstractChannel | None = None
+        self.watching: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self._starting is None:
@@ -323,6 +355,7 @@ class RpcClient:
             self.connection, self.channel = connection, channel
             await self._consume()
             connection.reconnect_callbacks.add(self._consume_again)
+            self.watching = asyncio.ensure_future(self._watch_waiting())
 
     async def _consume_again(self, *_: Any) -> None:
         await self._consume()
@@ -368,6 +401,9 @@ class RpcClient:
         except TimeoutError:
             RPC_CALL_SECONDS.labels(command=command.label, outcome="timeout").observe(time.perf_counter() - began)
             raise Unavailable(f"the {command.service} service did not answer within {timeout:g} s") from None
+        except Unavailable:
+            RPC_CALL_SECONDS.labels(command=command.label, outcome="unavailable").observe(time.perf_counter() - began)
+            raise
         finally:
             self.pending.pop(correlation_id, None)
         RPC_CALL_SECONDS.labels(command=command.label, outcome="ok" if kind == RESULT else "error").observe(
@@ -391,6 +427,11 @@ class RpcClient:
         # the message lives as long as its most patient caller waits
         expiration = max(call.timeout for _, call in batch)
         try:
+            # not sent at all to a service with no replica: one starting later would act on
+            # requests whose callers have been told it failed
+            if not await self._served(declared):
+                _fail([call for _, call in batch], no_replica(declared))
+                return
             assert self.underlay is not None
             await self.underlay.basic_publish(
                 body,
@@ -401,12 +442,66 @@ class RpcClient:
                     content_type="application/json",
                 ),
             )
+        except Unavailable as error:
+            _fail([call for _, call in batch], error)
         except Exception as error:  # the broker is away: every caller in the batch hears so now
-            for _, call in batch:
-                if not call.future.done():
-                    call.future.set_exception(Unavailable(f"the message broker is unavailable: {error}"))
+            _fail([call for _, call in batch], broker_away(error))
+
+    async def _served(self, declared: Command) -> bool:
+        """Whether a replica consumes the command's queue: known for LIVE_FOR seconds after the
+        broker said yes, else asked (one question at a time per queue, shared by its callers)."""
+        queue = declared.queue(self.prefix)
+        if self.served_until.get(queue, 0.0) > time.monotonic():
+            return True
+        asking = self.asking.get(queue)
+        if asking is None:
+            asking = self.asking[queue] = asyncio.ensure_future(self._ask_broker(queue))
+            asking.add_done_callback(lambda _: self.asking.pop(queue, None))
+        return await asyncio.shield(asking)
+
+    async def _ask_broker(self, queue: str) -> bool:
+        try:
+            if self.probe is None or self.probe.is_closed:
+                assert self.connection is not None
+                self.probe = await self.connection.channel(publisher_confirms=False)
+            try:
+                declared = await self.probe.declare_queue(queue, passive=True, robust=False)
+            except aiormq.exceptions.ChannelNotFoundEntity:  # never declared: its service never ran
+                # the broker closed the channel; closed here too, or the robust one re-opens
+                closed, self.probe = self.probe, None
+                await closed.close()
+                return False
+        except Exception as error:
+            raise broker_away(error) from None
+        if not declared.declaration_result.consumer_count:
+            return False
+        self.served_until[queue] = time.monotonic() + LIVE_FOR
+        return True
+
+    async def _watch_waiting(self) -> None:
+        """Calls waiting for a service whose replicas have all gone since (killed with the
+        request in hand) fail within a second or so, not at their timeout. A request in the
+        hands of a replica that died goes back to its queue: another replica answers it."""
+        while True:
+            await asyncio.sleep(LIVE_FOR)
+            overdue = time.monotonic() - LIVE_FOR
+            waiting: dict[Command, list[_Call]] = {}
+            for call in list(self.pending.values()):
+                if call.began < overdue and not call.future.done():
+                    waiting.setdefault(call.command, []).append(call)
+            for declared, calls in waiting.items():
+                try:
+                    if not await self._served(declared):
+                        _fail(calls, no_replica(declared))
+                except Unavailable as error:
+                    _fail(calls, error)
+                except Exception:
+                    log.warning("rpc.watch_failed", exc_info=True)
 
     async def close(self) -> None:
+        if self.watching is not None:
+            self.watching.cancel()
+            self.watching = None
         for call in self.pending.values():
             if not call.future.done():
                 call.future.cancel()

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # torch's CPU threads per worker (0: torch's choice); the local pools set it per worker to
     # the host's cores divided among its workers
     worker_threads: int = 0
+    # a local pool's worker: the pid of the service that started it. The worker drains and exits
+    # once that process is gone, so a killed service leaves no worker consuming outside any pool
+    worker_parent_pid: int | None = None
     # inference workers this host runs at most, all local pools together (0: none, a host that
     # runs only the services)
     local_max_workers: int = 8

@@ -171,12 +171,28 @@ class WorkerRuntime:
             self.metrics_port = serve_metrics(self.settings, f"worker-{self.worker_id}")
             self.state = WorkerState.READY
             beating = asyncio.create_task(self._beat_forever())
+            orphaned = asyncio.create_task(self._stop_when_orphaned())
             log.info("worker.ready", pool=self.pool, worker_id=self.worker_id, metrics_port=self.metrics_port)
             try:
                 await self._until_stopped()
             finally:
                 beating.cancel()
+                orphaned.cancel()
             await self._drain()
+
+    async def _stop_when_orphaned(self) -> None:
+        """A local pool's worker drains and exits once the service that started it is gone
+        (killed with SIGKILL, it could not stop its workers): its successor starts a pool of its
+        own, and a worker outside any pool would go on taking jobs nobody counts."""
+        parent = self.settings.worker_parent_pid
+        if not parent:
+            return  # swarm and Kubernetes workers: the orchestrator owns them
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                break
+        log.warning("worker.parent_gone", parent_pid=parent, worker_id=self.worker_id)
+        self.request_stop()
 
     def request_stop(self) -> None:
         """Drain and stop, as on SIGTERM."""

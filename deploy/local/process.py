@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -162,6 +163,12 @@ class ManagedProcess:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, grace: float = 15.0) -> None:
         stop_all([self], sig, grace)
+
+
+def platform_process(name: str, var_dir: Path) -> ManagedProcess:
+    """The gateway or a service (`python -m services.<name>`) of the stack under `var_dir`."""
+    module = f"services.{name}"
+    return ManagedProcess(name, var_dir, [sys.executable, "-m", module], marker=module)
 
 
 def stop_all(processes: Sequence[ManagedProcess], sig: signal.Signals, grace: float) -> None:

@@ -274,3 +274,68 @@ def stop_rabbitmq(amqp_url: str, say: Say = print) -> None:
     subprocess.run([ctl, "stop"], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     host, port = amqp_address(amqp_url)
     wait_until(lambda: not port_open(host, port), f"RabbitMQ stopping on port {port}", 60)
+
+
+class EmbeddedRabbitMQ:
+    """A RabbitMQ node of its own (not the machine's): its name, AMQP and distribution ports,
+    data and logs under `<var>/rabbitmq`, no plugins. What a test starts when it must stop or
+    restart the broker, which it may not do to the machine's shared one."""
+
+    def __init__(self, var_dir: Path, port: int | None = None, say: Say = _quiet) -> None:
+        self.var_dir = Path(var_dir).resolve()
+        self.port = port or free_port_block(2)
+        self.say = say
+        self.home = self.var_dir / "rabbitmq"
+        self.node = f"esd{self.port}@localhost"
+        # the VM's command line names the application it boots (`-s rabbit boot`), not the node
+        self.process = ManagedProcess("rabbitmq", self.var_dir, [str(self._server())], marker="rabbit")
+
+    @staticmethod
+    def _server() -> Path:
+        # the package's own script, not the /usr/sbin wrapper, which switches to the `rabbitmq`
+        # user (who could not write under our var folder)
+        for path in (Path("/usr/lib/rabbitmq/bin/rabbitmq-server"), shutil.which("rabbitmq-server", path=SBIN_PATH)):
+            if path and Path(path).exists():
+                return Path(path)
+        raise StackError("rabbitmq-server is not installed")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self, env: Mapping[str, str]) -> dict[str, str]:
+        return {
+            **env,
+            # an empty environment file: the system's names the machine's node and its port
+            "RABBITMQ_CONF_ENV_FILE": str(self.home / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.home / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.home / "enabled_plugins"),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.port + 1),
+            "RABBITMQ_MNESIA_BASE": str(self.home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.home / "log"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # the script then becomes the Erlang VM (no shell in between): the pid is the node's
+            "RUNNING_UNDER_SYSTEMD": "true",
+            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def start(self, env: Mapping[str, str] | None = None) -> None:
+        if (pid := self.process.running_pid()) is not None:
+            self.say(f"RabbitMQ node {self.node} already runs (pid {pid})")
+        else:
+            _free(self.port)
+            self.home.mkdir(parents=True, exist_ok=True)
+            (self.home / "rabbitmq-env.conf").write_text("")
+            (self.home / "enabled_plugins").write_text("[].\n")
+            (self.home / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+            pid = self.process.start(self._env(os.environ if env is None else env))
+            self.say(f"started RabbitMQ node {self.node} on port {self.port} (pid {pid})")
+        # the AMQP listener opens last, once the node has booted
+        wait_until(lambda: port_open("127.0.0.1", self.port), f"RabbitMQ on port {self.port}", 120, self.process)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """SIGTERM: the node shuts down cleanly (durable queues and persistent messages stay);
+        SIGKILL: as a crash."""
+        self.process.stop(sig, grace=60)

@@ -15,12 +15,22 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
 
-from deploy.local.process import ManagedProcess, StackError, free_port, port_open, stop_all, wait_until
+from deploy.local import supervisor
+from deploy.local.process import (
+    ManagedProcess,
+    StackError,
+    free_port,
+    platform_process,
+    port_open,
+    stop_all,
+    wait_until,
+)
 from deploy.local.servers import EmbeddedMongo, EmbeddedS3, amqp_address, ensure_rabbitmq, stop_rabbitmq
 from services.webhooks.domain import new_secret as new_webhook_secret
 from shared.rpc import CheckHealth, RpcClient, health_check
@@ -38,6 +48,21 @@ def _read_env_file(path: Path) -> dict[str, str]:
         return {}
     pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _supervision(watched: dict | None) -> str:
+    """What the supervisor says of a process, for `make status`."""
+    if not watched:
+        return ""
+    now = time.time()
+    parts = []
+    if watched["restarts"]:
+        parts.append(f"restarted {watched['restarts']} times")
+    if watched["restart_at"] is not None:
+        parts.append(f"restarting in {max(0.0, watched['restart_at'] - now):.0f} s")
+    elif watched["up_since"] is not None:
+        parts.append(f"up {now - watched['up_since']:.0f} s")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 class LocalStack:
@@ -73,11 +98,16 @@ class LocalStack:
         self.mongo_external = self.base_env.get("ESD_MONGO_URL") or self.base_env.get("MONGO_URL")
         self.s3_external = self.base_env.get("ESD_S3_ENDPOINT_URL") or self.base_env.get("S3_ENDPOINT_URL")
         self.processes = {
-            name: ManagedProcess(
-                name, self.var_dir, [sys.executable, "-m", f"services.{name}"], marker=f"services.{name}"
-            )
+            name: platform_process(name, self.var_dir)
             for name in [*self.services, *(["gateway"] if include_gateway else [])]
         }
+        # keeps them running once started (restarts with backoff): deploy/local/supervisor.py
+        self.supervisor = ManagedProcess(
+            "supervisor",
+            self.var_dir,
+            [sys.executable, "-m", "deploy.local.supervisor", "--var-dir", str(self.var_dir), *self.processes],
+            marker="deploy.local.supervisor",
+        )
         # the attributes below are set by up()
         self.env: dict[str, str] = {}
         self.api_key = ""
@@ -162,7 +192,14 @@ class LocalStack:
         asyncio.run(self._wait_healthy(self.services))
         if self.include_gateway:
             wait_until(self._gateway_pings, f"the gateway at {self.gateway_url}", 60, self.processes["gateway"])
+        self.supervise()
         self._summary()
+
+    def supervise(self) -> None:
+        """Starts the supervisor unless it runs: from now on what stops is started again."""
+        if (pid := self.supervisor.running_pid()) is None:
+            pid = self.supervisor.start(self.env, cwd=REPO_ROOT)
+            self.say(f"started the supervisor (pid {pid})")
 
     def _load_secrets(self) -> None:
         """Generated once into secrets.env; a value set in the environment wins."""
@@ -289,6 +326,10 @@ class LocalStack:
 
     def down(self) -> None:
         """Stops what `up()` started (found by pid files); the data stays."""
+        # first, or it would start again what is stopped below
+        if (pid := self.supervisor.running_pid()) is not None:
+            self.say(f"stopping the supervisor (pid {pid})")
+            self.supervisor.stop()
         gateway = [process for name, process in self.processes.items() if name == "gateway"]
         services = [process for name, process in self.processes.items() if name != "gateway"]
         for group in (gateway, services):
@@ -321,8 +362,16 @@ class LocalStack:
         if not self.s3_external:
             processes.insert(1, self._s3().process)
         pids = {process.name: process.running_pid() for process in processes}
+        watched = supervisor.read_state(self.var_dir)
         for name, pid in pids.items():
-            self.say(f"  {name:<10} {'running, pid ' + str(pid) if pid else 'stopped'}")
+            self.say(
+                f"  {name:<10} {'running, pid ' + str(pid) if pid else 'stopped'}{_supervision(watched.get(name))}"
+            )
+        supervising = self.supervisor.running_pid()
+        self.say(
+            f"  {'supervisor':<10} "
+            + (f"running, pid {supervising} (restarts what stops)" if supervising else "stopped: nothing restarts")
+        )
         rabbit = "started by `make up`" if self.rabbitmq_marker.exists() else "not started by `make up`"
         host, port = amqp_address(self.amqp_url)
         answers = "answers" if port_open(host, port) else "does not answer"

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from shared.errors import EsdError
+from shared.errors import EsdError, outage
 
 log = structlog.get_logger(__name__)
 
@@ -205,6 +205,8 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
 
 
 async def _unexpected(request: Request, error: Exception) -> Response:
+    if (away := outage(error)) is not None:  # the broker is away: a 503 saying so, not a crash
+        return await _esd_error(request, away)
     log.exception("request.crashed", method=request.method, path=request.url.path)
     return respond(500, message="Internal Server Error")
 

@@ -16,6 +16,7 @@ from services.inference.scaling import PoolLimits, PoolState, desired_workers
 from services.inference.store import InferenceStore
 from shared.contracts.inference import EndpointFailed, EndpointStatus, queue_of
 from shared.contracts.workers import WorkerState
+from shared.errors import outage
 from shared.messaging import Names, QueueDepths
 from shared.metrics import POOL_BUSY_WORKERS, POOL_WORKERS, QUEUE_DEPTH
 from shared.pools import PoolBackend
@@ -101,8 +102,11 @@ class Autoscaler:
                         await self.once()
                     else:
                         self.last_busy.clear()  # the leader's to know; read afresh on taking over
-                except Exception:
-                    log.exception("autoscaler.failed")
+                except Exception as error:
+                    if (away := outage(error)) is not None:  # tried again next turn: no stack trace
+                        log.warning("autoscaler.dependency_unavailable", error=away.message)
+                    else:
+                        log.exception("autoscaler.failed")
                 await asyncio.sleep(interval)
         finally:
             if self.lease is not None:

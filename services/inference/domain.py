@@ -96,6 +96,9 @@ class InferenceJob(Record):
     progress: JobProgress | None = None
     info: dict[str, Any] = Field(default_factory=dict)
     preview_every: int | None = None
+    # False between the start being recorded and its message being on the endpoint's queue: a
+    # start that died in between (killed, the broker away) is dispatched by the next start call
+    dispatched: bool = True
 
     @property
     def finished(self) -> bool:

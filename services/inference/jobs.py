@@ -240,20 +240,20 @@ class Jobs:
             if await self.store.endpoint(job.endpoint_name) is None:
                 raise Invalid(f"endpoint {job.endpoint_name} no longer exists")
             if await self.store.transition_job(
-                job.id, [JobStatus.CREATED.value], status=JobStatus.IN_PROGRESS, start_time=time.time()
+                job.id,
+                [JobStatus.CREATED.value],
+                status=JobStatus.IN_PROGRESS,
+                start_time=time.time(),
+                dispatched=False,
             ):
-                run = RunInference(
-                    inference_id=job.id,
-                    task_type=job.task_type,
-                    payload_key=job.payload_key,
-                    output_prefix=domain.output_prefix(job.id),
-                    models=job.files,
-                    owner=job.owner,
-                    preview_every=job.preview_every,
-                )
-                await send_work(self.broker, self.names, queue_of(job.endpoint_name), run)
+                await self._dispatch(job)
                 JOBS_BY_STATUS.labels(kind="inference", status=JobStatus.IN_PROGRESS.value).inc()
-                log.info("inference.dispatched", inference_id=job.id, endpoint=job.endpoint_name)
+            job = await self.store.job(command.inference_id) or job
+        elif job.status is JobStatus.IN_PROGRESS and not job.dispatched:
+            # a start that was recorded but never reached the queue (its service was killed, or
+            # the broker went, in between): the client's retry dispatches it. Should two retries
+            # both send it, the worker's go-ahead keeps a finished job from running again.
+            await self._dispatch(job)
             job = await self.store.job(command.inference_id) or job
         return StartedInference(
             inference=InferenceStart(
@@ -264,6 +264,20 @@ class Jobs:
             ),
             inference_type=job.inference_type,
         )
+
+    async def _dispatch(self, job: InferenceJob) -> None:
+        run = RunInference(
+            inference_id=job.id,
+            task_type=job.task_type,
+            payload_key=job.payload_key,
+            output_prefix=domain.output_prefix(job.id),
+            models=job.files,
+            owner=job.owner,
+            preview_every=job.preview_every,
+        )
+        await send_work(self.broker, self.names, queue_of(job.endpoint_name), run)
+        await self.store.transition_job(job.id, [status.value for status in JobStatus], dispatched=True)
+        log.info("inference.dispatched", inference_id=job.id, endpoint=job.endpoint_name)
 
     async def get(self, command: GetInference) -> InferenceView:
         job = await self.store.job(command.inference_id)

@@ -93,9 +93,11 @@ class LocalPool:
 
     def _worker_env(self, host_total: int) -> dict[str, str]:
         """The workers of this host share its cores: each new one gets its part, unless the
-        operator named a thread count. Where the service serves metrics, each worker serves its
+        operator named a thread count. Each knows its parent, with which it goes. Where the service serves metrics, each worker serves its
         own on a free port (the service's port is taken)."""
         env = dict(self.env)
+        # the worker goes when this process goes (killed or not): its successor starts its own
+        env["ESD_WORKER_PARENT_PID"] = str(os.getpid())
         if env.get("ESD_METRICS_PORT"):
             env["ESD_METRICS_PORT"] = "0"
         if not env.get("ESD_WORKER_THREADS"):

@@ -4,6 +4,9 @@ no answer is a server error, every status code and body is the documented one, a
 the document calls valid is refused only for a reason the document cannot state (a name taken,
 a model that does not exist, a job in another state...).
 
+It runs twice: as the admin, and as a user of a role with a few permissions, whose calls are
+mostly refused (403, documented on every route) and must never be a server error.
+
 The stack runs no workers (`ESD_LOCAL_MAX_WORKERS=0`): the generated endpoints would otherwise
 start real ones. The event streams (`/events`) are left to their own tests: they never end."""
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import make_stack
+from tests.e2e.conftest import Api, make_stack
 
 # Rejections of valid-looking requests that depend on data or state, not on the request's shape.
 DOMAIN_REASONS = [
@@ -70,11 +73,21 @@ def fuzzed_stack(tmp_path_factory):
     stack = make_stack(tmp_path_factory.mktemp("openapi-stack"))
     stack.base_env.update({"ESD_LOCAL_MAX_WORKERS": "0", "ESD_TRAINING_WORKERS": "0"})
     stack.up()
+    api = Api(stack)
+    role = api("POST", "/roles", json={"role_name": "Limited", "permissions": ["inference:create", "checkpoint:list"]})
+    assert role.status_code == 201, role.text
+    user = api("POST", "/users", json={"username": "limited", "password": "limited-pw", "roles": ["Limited"]})
+    assert user.status_code == 201, user.text
     yield stack
     stack.down()
 
 
-def test_the_api_answers_as_its_document_says(fuzzed_stack, tmp_path):
+# who calls, and how many examples per operation: CI's bound on the run's length
+CALLERS = [("admin", 25), ("limited", 10)]
+
+
+@pytest.mark.parametrize(("username", "examples"), CALLERS, ids=[user for user, _ in CALLERS])
+def test_the_api_answers_as_its_document_says(fuzzed_stack, tmp_path, username, examples):
     schemathesis = Path(sys.executable).with_name("st")
     run = subprocess.run(
         [
@@ -84,7 +97,7 @@ def test_the_api_answers_as_its_document_says(fuzzed_stack, tmp_path):
             "-H",
             f"x-api-key: {fuzzed_stack.api_key}",
             "-H",
-            "username: admin",
+            f"username: {username}",
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,"
             "response_schema_conformance,positive_data_acceptance",
@@ -94,7 +107,7 @@ def test_the_api_answers_as_its_document_says(fuzzed_stack, tmp_path):
             "--exclude-path-regex",
             "/events$",
             "--max-examples",
-            "25",
+            str(examples),
             "--generation-deterministic",
             "--seed",
             str(uuid.UUID("00000000-0000-0000-0000-0000000000e5").int),
