@@ -81,7 +81,7 @@ def safe_file_name(name: str) -> str:
 
 # What the OpenAPI document says of a plain file name (`safe_file_name` decides): no folder
 # separators or control characters, and something besides spaces and dots.
-PLAIN_NAME_PATTERN = r"^[^/\\\x00-\x1f]*[^/\\\x00-\x1f\s.][^/\\\x00-\x1f]*$"
+PLAIN_NAME_PATTERN = r"^[^/\\\x00-\x1f\x7f]*[^/\\\x00-\x1f\x7f\s.][^/\\\x00-\x1f\x7f]*$"
 
 FileName = Annotated[
     str,

@@ -47,6 +47,7 @@ DOMAIN_REASONS = [
     r"cannot tell a file name from|is not a model file",
     r"cannot delete default role",
     r"resolves to the internal address|the name does not resolve",  # what a URL's host is, by DNS
+    r"is longer than \d+ bytes",  # a name's length in UTF-8 bytes, which JSON Schema cannot state
 ]
 
 FAILURE = re.compile(r"^- (?P<title>.+)$", re.M)

@@ -14,12 +14,13 @@ import threading
 import zlib
 from pathlib import Path
 
+import hypothesis
 import pytest
 from PIL import Image
 
 from services.checkpoint.downloads import Downloader
 from shared import net
-from shared.contracts.checkpoint import safe_file_name
+from shared.contracts.checkpoint import PLAIN_NAME_PATTERN, safe_file_name
 from shared.errors import Invalid
 from shared.untrusted import depth_over, load_json
 
@@ -438,3 +439,17 @@ def test_a_checkpoints_metadata_nested_thousands_deep_is_refused_not_a_recursion
     save_file({"w": torch.zeros(1)}, str(path), metadata={TINY_METADATA_KEY: "[" * 10_000 + "]" * 10_000})
     with pytest.raises(Invalid, match="deep.safetensors's metadata .* nests arrays and objects deeper than 32"):
         tiny_metadata(path)
+
+
+@hypothesis.settings(max_examples=3000, deadline=None)
+@hypothesis.given(
+    hypothesis.strategies.from_regex(PLAIN_NAME_PATTERN, fullmatch=True).filter(lambda name: len(name) <= 255)
+)
+def test_every_name_the_document_allows_is_accepted_but_for_its_bytes(name):
+    """The OpenAPI document's pattern and the validator agree (schemathesis found a DEL the
+    pattern let through and the validator refused): only a byte length, which JSON Schema
+    cannot state, may still refuse a name the pattern allows."""
+    try:
+        safe_file_name(name)
+    except ValueError as error:
+        assert "bytes" in str(error)
