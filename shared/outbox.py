@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,6 +38,10 @@ SWEEP_SECONDS = 5.0
 # A test hook: a process that would publish an event of this type exits right before (to show
 # that the event is not lost). Never set in production.
 CRASH_BEFORE_PUBLISHING = os.environ.get("ESD_TEST_CRASH_BEFORE_PUBLISHING", "")
+
+
+def _at(entry: dict[str, Any]) -> float:
+    return entry["body"].get("occurred_at", 0.0)
 
 
 def _entry(event: Event) -> dict[str, Any]:
@@ -69,10 +74,15 @@ class Outbox:
         """Collections whose documents may hold events: swept for leftovers."""
         self.collections.extend(collections)
 
-    async def send(self, collection: AsyncCollection, selector: dict[str, Any]) -> None:
-        """Publish the events the selected documents hold, and remove each once confirmed."""
+    async def send(self, collection: AsyncCollection, selector: dict[str, Any], *, older_than: float = 0.0) -> None:
+        """Publish the events the selected documents hold (those that happened at least
+        `older_than` seconds ago), and remove each once confirmed."""
+        settled = time.time() - older_than
         async for doc in collection.find({**selector, **PENDING}, {FIELD: 1, "deleted": 1}):
-            for event_id, entry in list(self._pending(doc)):
+            pending = [(event_id, entry) for event_id, entry in self._pending(doc) if _at(entry) <= settled]
+            if len(pending) < len(doc.get(FIELD) or {}):
+                continue  # its writer is sending the rest now (or the next sweep will)
+            for event_id, entry in pending:
                 if CRASH_BEFORE_PUBLISHING and entry["routing_key"] == CRASH_BEFORE_PUBLISHING:
                     log.warning("outbox.test_crash", routing_key=entry["routing_key"])
                     os._exit(3)
@@ -85,11 +95,14 @@ class Outbox:
     def _pending(doc: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
         outbox = doc.get(FIELD) or {}
         # in the order they happened
-        return sorted(outbox.items(), key=lambda item: item[1]["body"].get("occurred_at", 0.0))
+        return sorted(outbox.items(), key=lambda item: _at(item[1]))
 
     async def sweep(self) -> None:
+        """Send what a process that died between its write and its publish left behind. Only
+        events older than a sweep's interval: a younger one is being sent by its writer (this
+        replica or another), and sending it too would only make a duplicate."""
         for collection in self.collections:
-            await self.send(collection, {})
+            await self.send(collection, {}, older_than=SWEEP_SECONDS)
             # a tombstone whose events went out but which was not deleted yet (a crash between)
             async for doc in collection.find({"deleted": True}, {FIELD: 1}):
                 if not doc.get(FIELD):

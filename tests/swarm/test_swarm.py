@@ -54,8 +54,11 @@ class Events:
                 return self.seen
 
     def of(self, key: str, jobs: list[str]) -> Counter:
+        """How many times each job had the event; an event relayed twice (the same id, as
+        at-least-once delivery allows and consumers drop) counts once."""
         wanted = set(jobs)
-        return Counter(body["inference_id"] for k, body in self.poll() if k == key and body["inference_id"] in wanted)
+        distinct = {(body["inference_id"], body["id"]) for k, body in self.poll() if k == key}
+        return Counter(job for job, _ in distinct if job in wanted)
 
 
 @pytest.fixture(scope="module")
