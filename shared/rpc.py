@@ -45,19 +45,15 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Generic, TypeVar
 
-import aio_pika
-import aiormq
 import orjson
 import structlog
-from pamqp.commands import Basic
 from pydantic import BaseModel, ValidationError
 
+from shared.amqp import AmqpError, ChannelClosed, ConnectionLost, Delivery, Link, RobustLink, ack_frame, publish_frames
 from shared.errors import ErrorInfo, EsdError, Internal, Invalid, Unavailable, outage
 from shared.metrics import RPC_CALL_SECONDS, RPC_HANDLE_SECONDS
 
 log = structlog.get_logger(__name__)
-
-Properties = Basic.Properties
 
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep")
@@ -121,6 +117,7 @@ def health_check(service: str) -> Command[CheckHealth, Health]:
 
 
 RESULT, ERROR = "result", "error"
+JSON = "application/json"
 MAX_BATCH = 32  # calls (or replies) in one message
 LIVE_FOR = 1.0  # seconds a queue seen with a consumer counts as served, without asking again
 
@@ -161,8 +158,19 @@ async def answer(command: Command, handler: Callable[[Any], Awaitable[Any]], req
         log.exception("rpc.failed", command=command.name)
         return _error(Internal("internal error, see the service log"))
     finally:
-        RPC_HANDLE_SECONDS.labels(command=command.label, outcome=outcome).observe(time.perf_counter() - began)
+        _handle_seconds(command, outcome).observe(time.perf_counter() - began)
     return _result(result)
+
+
+# the metrics' children by (command, outcome): `labels()` looks them up under a lock each time
+@functools.lru_cache(maxsize=4096)
+def _call_seconds(command: Command, outcome: str):
+    return RPC_CALL_SECONDS.labels(command=command.label, outcome=outcome)
+
+
+@functools.lru_cache(maxsize=4096)
+def _handle_seconds(command: Command, outcome: str):
+    return RPC_HANDLE_SECONDS.labels(command=command.label, outcome=outcome)
 
 
 def _batches(items: list, size: int = MAX_BATCH):
@@ -179,12 +187,11 @@ class RpcServer:
         self.concurrency = concurrency
         self.handlers: dict[Command, Callable[[Any], Awaitable[Any]]] = {}
         self.gates: dict[Command, asyncio.Semaphore] = {}
-        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self.channel: aio_pika.abc.AbstractRobustChannel | None = None
-        self.consumers: list[tuple[aiormq.abc.AbstractChannel, str]] = []
+        self.connection: RobustLink | None = None
+        self.consumers: list[tuple[Link, str]] = []
         self.running: set[asyncio.Task] = set()
-        # replies ready to go, by reply-to address, sent together at the end of the loop's turn
-        self.outbox: dict[str, list[bytes]] = {}
+        # replies (then acks) ready to go, by link, written together at the end of the loop's turn
+        self.outbox: dict[Link, tuple[dict[str, list[bytes]], list[int]]] = {}
         self.flushing = False
 
     def register(self, command: Command[Req, Any], handler: Callable[[Req], Awaitable[Any]]) -> None:
@@ -197,97 +204,83 @@ class RpcServer:
             self.register(declared, handler)
 
     async def start(self) -> None:
-        # The robust connection and channel re-open after a broker restart and re-declare the
-        # queues; consuming is done on the channel underneath, and redone after a reconnect.
+        # re-opened after a broker restart: the queues declared and consumed again
         self.gates = {declared: asyncio.Semaphore(self.concurrency) for declared in self.handlers}
-        self.connection = await aio_pika.connect_robust(self.amqp_url)
-        self.channel = await self.connection.channel(publisher_confirms=False)
+        self.connection = RobustLink(self.amqp_url, self._consume, name="rpc-server")
+        await self.connection.start()
+
+    async def _consume(self, link: Link) -> None:
         # messages in hand per command; each holds up to MAX_BATCH requests, and the gate
         # bounds how many of those run at once
-        await self.channel.set_qos(prefetch_count=self.concurrency)
-        for declared in self.handlers:
-            await self.channel.declare_queue(declared.queue(self.prefix), durable=True)
-        await self._consume()
-        self.connection.reconnect_callbacks.add(self._consume_again)
-
-    async def _consume_again(self, *_: Any) -> None:
-        self.consumers.clear()
-        await self._consume()
-
-    async def _consume(self) -> None:
-        assert self.channel is not None
-        underlay = await self.channel.get_underlay_channel()
+        await link.qos(self.concurrency)
+        self.consumers = []
         for declared, handler in self.handlers.items():
-            consuming = await underlay.basic_consume(
-                declared.queue(self.prefix), functools.partial(self._on_message, underlay, declared, handler)
-            )
-            self.consumers.append((underlay, consuming.consumer_tag))
+            queue = declared.queue(self.prefix)
+            await link.declare(queue, durable=True)
+            tag = await link.consume(queue, functools.partial(self._on_delivery, link, declared, handler))
+            self.consumers.append((link, tag))
 
-    async def _on_message(
-        self,
-        channel: aiormq.abc.AbstractChannel,
-        declared: Command,
-        handler: Callable[[Any], Awaitable[Any]],
-        message: aiormq.abc.DeliveredMessage,
-    ) -> None:
-        # aiormq runs each delivery in its own task
-        task = asyncio.current_task()
-        if task is not None:
-            self.running.add(task)
+    def _on_delivery(self, link: Link, declared: Command, handler, delivery: Delivery) -> None:
+        task = asyncio.get_running_loop().create_task(self._on_message(link, declared, handler, delivery))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def _on_message(self, link: Link, declared: Command, handler, delivery: Delivery) -> None:
         try:
-            reply_to = message.header.properties.reply_to
-            try:
-                requests = orjson.loads(message.body)
-            except orjson.JSONDecodeError:
-                requests = []
-                log.warning("rpc.malformed_message", command=declared.name)
-            if reply_to and isinstance(requests, list):
-                await asyncio.gather(
-                    *(self._answer_one(channel, declared, handler, reply_to, item) for item in requests)
-                )
-            await channel.basic_ack(message.delivery.delivery_tag)
-        except Exception:  # the connection went: the message is redelivered if unexpired
-            log.warning("rpc.reply_failed", command=declared.name, exc_info=True)
-        finally:
-            if task is not None:
-                self.running.discard(task)
+            requests = orjson.loads(delivery.body)
+        except orjson.JSONDecodeError:
+            requests = []
+            log.warning("rpc.malformed_message", command=declared.name)
+        replies: list[bytes] = []
+        if delivery.reply_to and isinstance(requests, list):
+            if len(requests) == 1:  # the usual case: no task per request
+                await self._answer_one(declared, handler, requests[0], replies)
+            else:
+                await asyncio.gather(*(self._answer_one(declared, handler, item, replies) for item in requests))
+        # acked once its replies are written (in the same write, after them)
+        pending, acks = self.outbox.setdefault(link, ({}, []))
+        if replies:
+            pending.setdefault(delivery.reply_to, []).extend(replies)  # type: ignore[arg-type]
+        acks.append(delivery.delivery_tag)
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _answer_one(self, channel, declared: Command, handler, reply_to: str, item: Any) -> None:
+    async def _answer_one(self, declared: Command, handler, item: Any, replies: list[bytes]) -> None:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
             log.warning("rpc.malformed_request", command=declared.name)
             return
         correlation_id, request = item
         async with self.gates[declared]:
             kind, body = await answer(declared, handler, request)
-        self.outbox.setdefault(reply_to, []).append(b'["%b","%b",%b]' % (correlation_id.encode(), kind.encode(), body))
-        if not self.flushing:
-            self.flushing = True
-            asyncio.get_running_loop().call_soon(self._flush, channel)
+        replies.append(b'["%b","%b",%b]' % (correlation_id.encode(), kind.encode(), body))
 
-    def _flush(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def _flush(self) -> None:
         self.flushing = False
         outbox, self.outbox = self.outbox, {}
-        for reply_to, replies in outbox.items():
-            for batch in _batches(replies):
-                task = asyncio.ensure_future(
-                    channel.basic_publish(
-                        b"[" + b",".join(batch) + b"]",
-                        routing_key=reply_to,
-                        properties=Properties(content_type="application/json"),
-                    )
-                )
-                task.add_done_callback(_log_failed_publish)
+        for link, (pending, acks) in outbox.items():
+            frames = [
+                publish_frames(1, reply_to, b"[" + b",".join(batch) + b"]", content_type=JSON, frame_max=link.frame_max)
+                for reply_to, replies in pending.items()
+                for batch in _batches(replies)
+            ]
+            frames += [ack_frame(1, tag) for tag in acks]
+            try:
+                link.write(b"".join(frames))
+            except AmqpError as error:  # the connection went: the requests go back to their queues
+                log.warning("rpc.reply_failed", error=str(error))
 
     async def stop(self, grace: float = 15.0) -> None:
         """Stop taking requests, let those in hand finish (up to `grace` seconds), close."""
-        for channel, tag in self.consumers:
+        for link, tag in self.consumers:
             try:
-                await channel.basic_cancel(tag)
-            except Exception:
-                pass  # the channel is gone already
+                await link.cancel(tag)
+            except (AmqpError, OSError):
+                pass  # the connection is gone already
         self.consumers.clear()
         if self.running:
             await asyncio.wait(list(self.running), timeout=grace)
+        await asyncio.sleep(0)  # the last replies' flush
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
@@ -297,11 +290,6 @@ def _fail(calls: list[_Call], error: Unavailable) -> None:
     for call in calls:
         if not call.future.done():
             call.future.set_exception(error)
-
-
-def _log_failed_publish(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("rpc.publish_failed", error=str(task.exception()))
 
 
 @dataclass
@@ -321,6 +309,15 @@ def broker_away(error: BaseException) -> Unavailable:
     return Unavailable(f"the message broker is unavailable: {error or type(error).__name__}")
 
 
+class _Expired(Exception):
+    pass
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 class RpcClient:
     """Calls commands and waits for their replies (see the module docstring)."""
 
@@ -329,10 +326,8 @@ class RpcClient:
         self.prefix = prefix
         self.timeout = timeout
         self.pending: dict[str, _Call] = {}
-        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self.channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self.connection: RobustLink | None = None
         self.reply_queue = f"{prefix}rpc.replies.{uuid.uuid4().hex}"
-        self.underlay: aiormq.abc.AbstractChannel | None = None
         self._starting: asyncio.Lock | None = None
         # calls made in this turn of the event loop, by command, sent together at its end
         self.outbox: dict[Command, list[tuple[str, _Call]]] = {}
@@ -340,35 +335,34 @@ class RpcClient:
         # live replicas: queue -> until when it counts as consumed; the broker's answers in flight
         self.served_until: dict[str, float] = {}
         self.asking: dict[str, asyncio.Future] = {}
-        self.probe: aio_pika.abc.AbstractChannel | None = None
+        # a channel for questions the broker may answer by closing it (a missing queue)
+        self.probe: tuple[Link, int] | None = None
         self.watching: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
-            if self.channel is not None:
+            if self.connection is not None:
                 return
-            connection = await aio_pika.connect_robust(self.amqp_url)
-            channel = await connection.channel(publisher_confirms=False)
-            await channel.declare_queue(self.reply_queue, exclusive=True, auto_delete=True)
-            self.connection, self.channel = connection, channel
-            await self._consume()
-            connection.reconnect_callbacks.add(self._consume_again)
+            connection = RobustLink(self.amqp_url, self._consume, name="rpc-client", on_lost=self._lost)
+            await connection.start()
+            self.connection = connection
             self.watching = asyncio.ensure_future(self._watch_waiting())
 
-    async def _consume_again(self, *_: Any) -> None:
-        await self._consume()
+    async def _consume(self, link: Link) -> None:
+        await link.declare(self.reply_queue, exclusive=True, auto_delete=True)
+        await link.consume(self.reply_queue, self._on_replies, no_ack=True)
 
-    async def _consume(self) -> None:
-        assert self.channel is not None
-        # the channel underneath: the one to publish on until the next reconnect
-        self.underlay = await self.channel.get_underlay_channel()
-        await self.underlay.basic_consume(self.reply_queue, self._on_replies, no_ack=True)
+    def _lost(self, error: Exception) -> None:
+        """The connection went, and with it the reply queue: no reply will come to the calls
+        waiting, which hear so now."""
+        self.served_until.clear()
+        _fail(list(self.pending.values()), broker_away(error))
 
-    async def _on_replies(self, message: aiormq.abc.DeliveredMessage) -> None:
+    def _on_replies(self, delivery: Delivery) -> None:
         try:
-            replies = orjson.loads(message.body)
+            replies = orjson.loads(delivery.body)
         except orjson.JSONDecodeError:
             log.warning("rpc.malformed_reply")
             return
@@ -380,35 +374,31 @@ class RpcClient:
     async def call(self, command: Command[Req, Rep], request: Req, *, timeout: float | None = None) -> Rep:
         if not isinstance(request, command.request):
             raise TypeError(f"{command!r} takes {command.request.__name__}, not {type(request).__name__}")
-        if self.channel is None:
+        if self.connection is None:
             await self.start()
         timeout = timeout or self.timeout
+        loop = asyncio.get_running_loop()
         correlation_id = uuid.uuid4().hex
-        call = _Call(
-            command,
-            request.__pydantic_serializer__.to_json(request),
-            asyncio.get_running_loop().create_future(),
-            timeout,
-        )
+        call = _Call(command, request.__pydantic_serializer__.to_json(request), loop.create_future(), timeout)
         self.pending[correlation_id] = call
         self.outbox.setdefault(command, []).append((correlation_id, call))
         if not self.flushing:
             self.flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         began = time.perf_counter()
+        expiry = loop.call_later(timeout, _expire, call.future)
         try:
-            kind, body = await asyncio.wait_for(call.future, timeout)
-        except TimeoutError:
-            RPC_CALL_SECONDS.labels(command=command.label, outcome="timeout").observe(time.perf_counter() - began)
+            kind, body = await call.future
+        except _Expired:
+            _call_seconds(command, "timeout").observe(time.perf_counter() - began)
             raise Unavailable(f"the {command.service} service did not answer within {timeout:g} s") from None
         except Unavailable:
-            RPC_CALL_SECONDS.labels(command=command.label, outcome="unavailable").observe(time.perf_counter() - began)
+            _call_seconds(command, "unavailable").observe(time.perf_counter() - began)
             raise
         finally:
+            expiry.cancel()
             self.pending.pop(correlation_id, None)
-        RPC_CALL_SECONDS.labels(command=command.label, outcome="ok" if kind == RESULT else "error").observe(
-            time.perf_counter() - began
-        )
+        _call_seconds(command, "ok" if kind == RESULT else "error").observe(time.perf_counter() - began)
         if kind == ERROR:
             raise ErrorInfo.model_validate(body).to_error()
         if command.reply is None:
@@ -418,34 +408,49 @@ class RpcClient:
     def _flush(self) -> None:
         self.flushing = False
         outbox, self.outbox = self.outbox, {}
+        now = time.monotonic()
         for declared, calls in outbox.items():
+            served = self.served_until.get(declared.queue(self.prefix), 0.0) > now
             for batch in _batches(calls):
-                asyncio.ensure_future(self._send(declared, batch))
+                if served:  # the usual case: written at once
+                    self._publish(declared, batch)
+                else:
+                    asyncio.ensure_future(self._send(declared, batch))
 
     async def _send(self, declared: Command, batch: list[tuple[str, _Call]]) -> None:
+        # not sent at all to a service with no replica: one starting later would act on
+        # requests whose callers have been told it failed
+        try:
+            served = await self._served(declared)
+        except Unavailable as error:
+            _fail([call for _, call in batch], error)
+            return
+        if not served:
+            _fail([call for _, call in batch], no_replica(declared))
+            return
+        self._publish(declared, batch)
+
+    def _publish(self, declared: Command, batch: list[tuple[str, _Call]]) -> None:
         body = b"[" + b",".join(b'["%b",%b]' % (cid.encode(), call.request) for cid, call in batch) + b"]"
         # the message lives as long as its most patient caller waits
         expiration = max(call.timeout for _, call in batch)
         try:
-            # not sent at all to a service with no replica: one starting later would act on
-            # requests whose callers have been told it failed
-            if not await self._served(declared):
-                _fail([call for _, call in batch], no_replica(declared))
-                return
-            assert self.underlay is not None
-            await self.underlay.basic_publish(
+            link = self.connection.link if self.connection is not None else None
+            if link is None:
+                raise ConnectionLost("not connected")
+            link.publish(
+                declared.queue(self.prefix),
                 body,
-                routing_key=declared.queue(self.prefix),
-                properties=Properties(
-                    reply_to=self.reply_queue,
-                    expiration=str(int(expiration * 1000)),
-                    content_type="application/json",
-                ),
+                content_type=JSON,
+                reply_to=self.reply_queue,
+                expiration=str(int(expiration * 1000)),
             )
-        except Unavailable as error:
-            _fail([call for _, call in batch], error)
-        except Exception as error:  # the broker is away: every caller in the batch hears so now
+        except (AmqpError, OSError) as error:  # the broker is away: every caller in the batch hears so now
             _fail([call for _, call in batch], broker_away(error))
+
+    async def replicas(self, declared: Command) -> int:
+        """How many replicas consume the command's queue now (the broker's count)."""
+        return await self._ask_broker(declared.queue(self.prefix))
 
     async def _served(self, declared: Command) -> bool:
         """Whether a replica consumes the command's queue: known for LIVE_FOR seconds after the
@@ -457,26 +462,28 @@ class RpcClient:
         if asking is None:
             asking = self.asking[queue] = asyncio.ensure_future(self._ask_broker(queue))
             asking.add_done_callback(lambda _: self.asking.pop(queue, None))
-        return await asyncio.shield(asking)
+        return bool(await asyncio.shield(asking))
 
-    async def _ask_broker(self, queue: str) -> bool:
+    async def _ask_broker(self, queue: str) -> int:
+        """The queue's consumer count (0 for a queue never declared: its service never ran)."""
         try:
-            if self.probe is None or self.probe.is_closed:
-                assert self.connection is not None
-                self.probe = await self.connection.channel(publisher_confirms=False)
+            link = self.connection.link if self.connection is not None else None
+            if link is None or not link.is_open:
+                raise ConnectionLost("not connected")
+            if self.probe is None or self.probe[0] is not link:
+                self.probe = (link, await link.open_channel())
             try:
-                declared = await self.probe.declare_queue(queue, passive=True, robust=False)
-            except aiormq.exceptions.ChannelNotFoundEntity:  # never declared: its service never ran
-                # the broker closed the channel; closed here too, or the robust one re-opens
-                closed, self.probe = self.probe, None
-                await closed.close()
-                return False
-        except Exception as error:
+                _, consumers = await link.declare(queue, passive=True, channel=self.probe[1])
+            except ChannelClosed as error:
+                self.probe = None  # the broker closed it
+                if error.not_found:
+                    return 0
+                raise
+        except (AmqpError, OSError) as error:
             raise broker_away(error) from None
-        if not declared.declaration_result.consumer_count:
-            return False
-        self.served_until[queue] = time.monotonic() + LIVE_FOR
-        return True
+        if consumers:
+            self.served_until[queue] = time.monotonic() + LIVE_FOR
+        return consumers
 
     async def _watch_waiting(self) -> None:
         """Calls waiting for a service whose replicas have all gone since (killed with the
@@ -509,4 +516,3 @@ class RpcClient:
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
-            self.channel = None

@@ -30,7 +30,13 @@ def register(
         }
     )
 
-    # Every replica keeps the roles in memory: a change made by another one empties it here.
+    # Every replica keeps users and roles in memory: a change made by another one empties them
+    # here (a role's deletion takes it from its users too).
     @runtime.broker.subscriber(runtime.names.replica_queue(contract.SERVICE, "role.*"), runtime.names.events)
     async def role_changed(_: Event) -> None:
         store.forget_roles()
+        store.forget_users()
+
+    @runtime.broker.subscriber(runtime.names.replica_queue(contract.SERVICE, "user.*"), runtime.names.events)
+    async def user_changed(_: Event) -> None:
+        store.forget_users()

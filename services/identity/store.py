@@ -1,14 +1,18 @@
 """Identity's MongoDB collections: `users` and `roles`, each unique by name.
 
-Roles are few and read by nearly every request (a principal is a user's roles' permissions),
-so this store keeps them all in memory: forgotten on its own writes and, for the writes of
-other replicas, when identity hears a `role.*` event; reloaded after `ROLES_TTL` at the latest."""
+Both are small (the people of a team and their roles) and read far more often than written:
+roles by nearly every request (a principal is a user's roles' permissions), users by every
+listing. This store keeps a snapshot of each in memory, so such a read costs no database round
+trip: forgotten on its own writes and, for the writes of other replicas, when identity hears a
+`user.*` or `role.*` event; reloaded after `SNAPSHOT_TTL` at the latest. Reads that decide a
+change or a sign-in (`find_user`) always go to the database."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
@@ -39,7 +43,36 @@ def _role(doc: dict) -> Role:
     )
 
 
-ROLES_TTL = 30.0
+SNAPSHOT_TTL = 30.0
+
+T = TypeVar("T")
+
+
+class Snapshot(Generic[T]):
+    """A whole small collection held in memory, read again after `forget()` (called after
+    every write that changes it) or after `ttl` seconds. A read that a change overtook (the
+    change's `forget()` came while it was reading) answers its caller but is not kept."""
+
+    def __init__(self, load: Callable[[], Awaitable[T]], ttl: float = SNAPSHOT_TTL) -> None:
+        self.load = load
+        self.ttl = ttl
+        self.value: T | None = None
+        self.until = 0.0
+        self.generation = 0
+
+    async def get(self) -> T:
+        now = time.monotonic()
+        if self.value is not None and now < self.until:
+            return self.value
+        generation = self.generation
+        value = await self.load()
+        if generation == self.generation:
+            self.value, self.until = value, now + self.ttl
+        return value
+
+    def forget(self) -> None:
+        self.generation += 1
+        self.value = None
 
 
 class IdentityStore:
@@ -50,9 +83,8 @@ class IdentityStore:
         self.failures = db["sign_in_failures"]  # failed password checks per user/address and window
         self.outbox = outbox
         outbox.watch(self.users, self.roles, self.tokens)
-        self._roles: dict[str, Role] | None = None  # every role, by name, in name order
-        self._roles_until = 0.0
-        self._roles_generation = 0
+        self._users = Snapshot(self._all_users)  # every user, in name order
+        self._roles = Snapshot(self._all_roles)  # every role, by name, in name order
 
     async def ensure_indexes(self) -> None:
         await self.users.create_index([("username", ASCENDING)], unique=True)
@@ -68,8 +100,15 @@ class IdentityStore:
         return _user(doc) if doc else None
 
     async def find_users(self, username: str | None = None) -> list[User]:
-        query = {"username": username} if username is not None else {}
-        return [_user(doc) async for doc in self.users.find({**query, **LIVE}).sort("username", ASCENDING)]
+        """Every user (or the one named), in name order, from the snapshot."""
+        users = await self._users.get()
+        return list(users) if username is None else [user for user in users if user.username == username]
+
+    async def _all_users(self) -> list[User]:
+        return [_user(doc) async for doc in self.users.find(LIVE).sort("username", ASCENDING)]
+
+    def forget_users(self) -> None:
+        self._users.forget()
 
     async def add_user_if_absent(self, user: User, created: Event) -> bool:
         """Insert unless the name exists, announcing it; True when inserted (idempotent
@@ -81,6 +120,7 @@ class IdentityStore:
         )
         if result.upserted_id is None:
             return False
+        self.forget_users()
         await self.outbox.send(self.users, {"username": user.username})
         return True
 
@@ -89,26 +129,30 @@ class IdentityStore:
         creation time stay as first written. True when created."""
         now = datetime.now(UTC)
         changes = {"roles": user.roles, "password_hash": user.password_hash, "updated_at": now}
-        for _ in range(2):
-            result = await self.users.update_one(
-                {"username": user.username, **LIVE}, {"$set": {**changes, **entries(updated)}}
-            )
-            if result.matched_count:
+        try:
+            for _ in range(2):
+                result = await self.users.update_one(
+                    {"username": user.username, **LIVE}, {"$set": {**changes, **entries(updated)}}
+                )
+                if result.matched_count:
+                    await self.outbox.send(self.users, {"username": user.username})
+                    return False
+                try:
+                    await self.users.insert_one({**self._user_doc(user), "updated_at": now, **embedded(created)})
+                except DuplicateKeyError:
+                    continue  # created meanwhile (update it), or a deletion still going out
                 await self.outbox.send(self.users, {"username": user.username})
-                return False
-            try:
-                await self.users.insert_one({**self._user_doc(user), "updated_at": now, **embedded(created)})
-            except DuplicateKeyError:
-                continue  # created meanwhile (update it), or a deletion still going out
-            await self.outbox.send(self.users, {"username": user.username})
-            return True
-        raise Conflict(f"user {user.username} is being deleted; try again")
+                return True
+            raise Conflict(f"user {user.username} is being deleted; try again")
+        finally:
+            self.forget_users()
 
     async def delete_users(self, names: list[str], deleted: Callable[[str], Event]) -> list[str]:
         gone = []
         for name in names:
             if (await self.users.update_one({"username": name, **LIVE}, tombstone(deleted(name)))).matched_count:
                 gone.append(name)
+                self.forget_users()
                 await self.outbox.send(self.users, {"username": name})
         return gone
 
@@ -158,26 +202,18 @@ class IdentityStore:
 
     async def find_roles(self, names: list[str] | None = None) -> dict[str, Role]:
         """The named roles that exist (all of them without names), in name order."""
-        roles = await self._all_roles()
+        roles = await self._roles.get()
         if names is None:
             return dict(roles)
         wanted = set(names)
         return {name: role for name, role in roles.items() if name in wanted}
 
     async def _all_roles(self) -> dict[str, Role]:
-        now = time.monotonic()
-        if self._roles is not None and now < self._roles_until:
-            return self._roles
-        generation = self._roles_generation
         cursor = self.roles.find(LIVE).sort("role_name", ASCENDING)
-        roles = {doc["role_name"]: _role(doc) async for doc in cursor}
-        if generation == self._roles_generation:  # else a change came while reading: read again next time
-            self._roles, self._roles_until = roles, now + ROLES_TTL
-        return roles
+        return {doc["role_name"]: _role(doc) async for doc in cursor}
 
     def forget_roles(self) -> None:
-        self._roles_generation += 1
-        self._roles = None
+        self._roles.forget()
 
     async def add_role_if_absent(self, role: Role, created: Event) -> bool:
         result = await self.roles.update_one(
@@ -221,6 +257,7 @@ class IdentityStore:
         self.forget_roles()
         if gone:
             await self.users.update_many({"roles": {"$in": gone}}, {"$pull": {"roles": {"$in": gone}}})
+            self.forget_users()
             for name in gone:
                 await self.outbox.send(self.roles, {"role_name": name})
         return gone

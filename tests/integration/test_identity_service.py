@@ -30,6 +30,7 @@ from shared.db import mongo_client
 from shared.errors import Forbidden, Invalid, Unauthorized
 from shared.messaging import EventPublisher, Names
 from shared.outbox import Outbox
+from shared.rpc import RpcClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -160,3 +161,52 @@ async def test_deleting_users_skips_unknown_names(rpc, admin):
 async def test_concurrent_commands_are_served(rpc, admin):
     replies = await asyncio.gather(*[rpc.call(LIST_USERS, ListUsers(actor=admin)) for _ in range(50)])
     assert all(any(u.username == "admin" for u in reply.users) for reply in replies)
+
+
+async def test_replicas_keep_users_in_memory_and_hear_each_others_changes(settings_factory, service_runner, event_log):
+    """Two replicas answer the same queues in turn; each lists users from its own memory. A
+    change made through one is in every listing once its event is out, not after the
+    snapshot's TTL."""
+    settings = settings_factory()
+    await service_runner(SERVICE, setup, settings)
+    await service_runner(SERVICE, setup, settings)
+    client = RpcClient(settings.amqp_url, settings.broker_prefix, settings.rpc_timeout)
+    await client.start()
+    try:
+        for _ in range(100):  # the second replica answers health checks before it serves every command
+            if await client.replicas(LIST_USERS) == 2:
+                break
+            await asyncio.sleep(0.1)
+        admin = await client.call(AUTHENTICATE_USER, AuthenticateUser(username="admin"))
+        listing = ListUsers(actor=admin)
+
+        async def names_in_listings() -> list[set[str]]:
+            # one at a time, so that the two replicas answer in turn
+            return [
+                {user.username for user in (await client.call(LIST_USERS, listing)).users} for _ in range(6)
+            ]
+
+        assert all(names == {"admin"} for names in await names_in_listings())  # both hold a snapshot now
+        users = await event_log(settings, "user.*")
+        roles = await event_log(settings, "role.*")
+
+        await client.call(CREATE_ROLE, CreateRole(role_name="Temp", permissions=["train:list"], actor=admin))
+        await roles.next("role.created")
+        await client.call(CREATE_USER, CreateUser(username="newcomer", password="x", roles=["Temp"], actor=admin))
+        await users.next("user.created")
+        await asyncio.sleep(0.3)  # the other replica's own copy of the event
+        assert all(names == {"admin", "newcomer"} for names in await names_in_listings())
+
+        await client.call(DELETE_ROLES, DeleteRoles(role_name_list=["Temp"], actor=admin))
+        await roles.next("role.deleted")
+        await asyncio.sleep(0.3)
+        for _ in range(6):
+            listed = {user.username: user.roles for user in (await client.call(LIST_USERS, listing)).users}
+            assert listed["newcomer"] == []
+
+        await client.call(DELETE_USERS, DeleteUsers(user_name_list=["newcomer"], actor=admin))
+        await users.next("user.deleted")
+        await asyncio.sleep(0.3)
+        assert all(names == {"admin"} for names in await names_in_listings())
+    finally:
+        await client.close()
