@@ -306,7 +306,11 @@ class Link:
             return
         try:
             async with asyncio.timeout(2.0):
-                await self._call(0, spec.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0), spec.Connection.CloseOk)
+                await self._call(
+                    0,
+                    spec.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0),
+                    spec.Connection.CloseOk,
+                )
         except (TimeoutError, AmqpError, OSError):
             pass
         self.abort()
@@ -331,7 +335,11 @@ class Link:
 
     async def close_channel(self, number: int) -> None:
         if number in self._channels:
-            await self._call(number, spec.Channel.Close(reply_code=200, reply_text="done", class_id=0, method_id=0), spec.Channel.CloseOk)
+            await self._call(
+                number,
+                spec.Channel.Close(reply_code=200, reply_text="done", class_id=0, method_id=0),
+                spec.Channel.CloseOk,
+            )
             self._forget_channel(number, None)
 
     async def declare(

@@ -182,9 +182,7 @@ async def test_replicas_keep_users_in_memory_and_hear_each_others_changes(settin
 
         async def names_in_listings() -> list[set[str]]:
             # one at a time, so that the two replicas answer in turn
-            return [
-                {user.username for user in (await client.call(LIST_USERS, listing)).users} for _ in range(6)
-            ]
+            return [{user.username for user in (await client.call(LIST_USERS, listing)).users} for _ in range(6)]
 
         assert all(names == {"admin"} for names in await names_in_listings())  # both hold a snapshot now
         users = await event_log(settings, "user.*")
