@@ -246,7 +246,6 @@ class Link:
         self._incoming: dict[int, _Incoming] = {}
         self._consumers: dict[tuple[int, str], Consumer] = {}
         self._channels = {0}
-        self._next_channel = 1
         self._received_at = 0.0
         self._written_at = 0.0
         self._beat: asyncio.TimerHandle | None = None
@@ -326,8 +325,9 @@ class Link:
     # -- channels and the methods that are answered --
 
     async def open_channel(self) -> int:
-        number = self._next_channel
-        self._next_channel += 1
+        # the lowest free number: a channel the broker closed (a passive declaration of a
+        # missing queue) is used again, so that asking often never runs out of numbers
+        number = next(n for n in range(1, len(self._channels) + 2) if n not in self._channels)
         self._channels.add(number)
         self._waiters[number] = deque()
         await self._call(number, spec.Channel.Open(), spec.Channel.OpenOk)

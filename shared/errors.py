@@ -81,13 +81,15 @@ def outage(error: BaseException) -> Unavailable | None:
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
     from pymongo.errors import ConnectionFailure
 
+    from shared.amqp import AmqpError as LinkError
+
     if isinstance(error, ConnectionFailure):  # server selection timed out, connection lost
         return Unavailable(f"the database is unavailable: {type(error).__name__}")
     if isinstance(error, ConnectionError | HTTPClientError):
         return Unavailable(f"object storage is unavailable: {type(error).__name__}")
     if isinstance(error, ClientError) and error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
         return Unavailable(f"object storage is unavailable: {error.response['Error'].get('Code', 'error')}")
-    if isinstance(error, AMQPError):
+    if isinstance(error, AMQPError | LinkError):
         return Unavailable(f"the message broker is unavailable: {type(error).__name__}")
     return None
 

@@ -192,3 +192,10 @@ async def test_two_replicas_share_the_calls(served, client):
     await asyncio.gather(*(client.call(ECHO, Echo(text=str(n), wait=0.05)) for n in range(40)))
     assert first.seen and second.seen
     assert sorted(first.seen + second.seen, key=int) == [str(n) for n in range(40)]
+
+
+async def test_asking_about_a_queue_never_declared_again_and_again_uses_no_more_channels(client, settings):
+    for _ in range(50):
+        assert await client.replicas(UNANSWERED) == 0
+    # the probe's channel, closed by the broker each time, is number 2 each time
+    assert await client.connection.link.open_channel() == 2
