@@ -77,7 +77,7 @@ class Internal(EsdError):
 def outage(error: BaseException) -> Unavailable | None:
     """The dependency an exception says is away (the database, object storage, the broker), as
     the caller hears it: a 503 naming it. None for anything else (a bug: a 500)."""
-    from aiormq.exceptions import AMQPError
+    from aiormq.exceptions import AMQPError, ChannelInvalidStateError
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
     from pymongo.errors import ConnectionFailure
 
@@ -89,7 +89,8 @@ def outage(error: BaseException) -> Unavailable | None:
         return Unavailable(f"object storage is unavailable: {type(error).__name__}")
     if isinstance(error, ClientError) and error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
         return Unavailable(f"object storage is unavailable: {error.response['Error'].get('Code', 'error')}")
-    if isinstance(error, AMQPError | LinkError):
+    # a channel of aio-pika's that its connection's loss closed is a RuntimeError of aiormq's
+    if isinstance(error, AMQPError | LinkError | ChannelInvalidStateError):
         return Unavailable(f"the message broker is unavailable: {type(error).__name__}")
     return None
 

@@ -110,6 +110,9 @@ def create_broker(settings: Settings, *, graceful_timeout: float = 15.0) -> Rabb
         logger=logging.getLogger("faststream"),
         log_level=logging.DEBUG,
         graceful_timeout=graceful_timeout,
+        # back within a second of the broker (as the RPC connections, shared/amqp.py): while
+        # the RPC is back and this is not, changes are made whose events wait for the sweep
+        reconnect_interval=1.0,
     )
 
 

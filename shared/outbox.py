@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 from pymongo.asynchronous.collection import AsyncCollection
 
+from shared.errors import outage
 from shared.messaging import Event, EventPublisher
 
 log = structlog.get_logger(__name__)
@@ -74,9 +75,13 @@ class Outbox:
         """Collections whose documents may hold events: swept for leftovers."""
         self.collections.extend(collections)
 
-    async def send(self, collection: AsyncCollection, selector: dict[str, Any], *, older_than: float = 0.0) -> None:
+    async def send(
+        self, collection: AsyncCollection, selector: dict[str, Any], *, older_than: float = 0.0, sweeping: bool = False
+    ) -> None:
         """Publish the events the selected documents hold (those that happened at least
-        `older_than` seconds ago), and remove each once confirmed."""
+        `older_than` seconds ago), and remove each once confirmed. A writer's change is made
+        when it calls this: if the broker cannot take the events now, they wait in their
+        document for the sweep, and the writer's caller is not told that the change failed."""
         settled = time.time() - older_than
         async for doc in collection.find({**selector, **PENDING}, {FIELD: 1, "deleted": 1}):
             pending = [(event_id, entry) for event_id, entry in self._pending(doc) if _at(entry) <= settled]
@@ -86,7 +91,14 @@ class Outbox:
                 if CRASH_BEFORE_PUBLISHING and entry["routing_key"] == CRASH_BEFORE_PUBLISHING:
                     log.warning("outbox.test_crash", routing_key=entry["routing_key"])
                     os._exit(3)
-                await self.publisher.publish_raw(entry["routing_key"], entry["body"])
+                try:
+                    await self.publisher.publish_raw(entry["routing_key"], entry["body"])
+                except Exception as error:
+                    away = outage(error)
+                    if sweeping or away is None:
+                        raise
+                    log.warning("outbox.publish_deferred", routing_key=entry["routing_key"], error=away.message)
+                    return
                 await collection.update_one({"_id": doc["_id"]}, {"$unset": {f"{FIELD}.{event_id}": ""}})
             if doc.get("deleted"):
                 await collection.delete_one({"_id": doc["_id"], "deleted": True})
@@ -102,7 +114,7 @@ class Outbox:
         events older than a sweep's interval: a younger one is being sent by its writer (this
         replica or another), and sending it too would only make a duplicate."""
         for collection in self.collections:
-            await self.send(collection, {}, older_than=SWEEP_SECONDS)
+            await self.send(collection, {}, older_than=SWEEP_SECONDS, sweeping=True)
             # a tombstone whose events went out but which was not deleted yet (a crash between)
             async for doc in collection.find({"deleted": True}, {FIELD: 1}):
                 if not doc.get(FIELD):

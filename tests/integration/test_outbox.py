@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError
 
-from shared.contracts.identity import CREATE_USER, CreateUser, Principal
+from shared.contracts.identity import CREATE_USER, CreateUser, Principal, UserCreated
 from shared.db import mongo_client
 from shared.errors import Unavailable
+from shared.outbox import Outbox, embedded
 from shared.permissions import EVERY_ALL
 from shared.rpc import CheckHealth, RpcClient, health_check
 
@@ -80,3 +82,47 @@ async def test_a_service_killed_before_publishing_publishes_when_it_is_back(sett
         if doomed.poll() is None:
             doomed.kill()
         await rpc.close()
+
+
+class FlakyPublisher:
+    """Publishes nothing until `up`: raises as aio-pika does while its connection is away."""
+
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+        self.up = False
+        self.published: list[str] = []
+
+    async def publish_raw(self, routing_key: str, body: dict) -> None:
+        if not self.up:
+            raise self.failure
+        self.published.append(body["id"])
+
+
+async def test_a_change_made_while_the_broker_is_away_keeps_its_event_for_the_sweep(settings_factory, monkeypatch):
+    settings = settings_factory()
+    client = mongo_client(settings)
+    users = client[settings.database_name("outboxtest")]["users"]
+    publisher = FlakyPublisher(ChannelInvalidStateError("channel closed"))
+    outbox = Outbox(publisher)  # type: ignore[arg-type]
+    outbox.watch(users)
+    first, second = (UserCreated(username=name, roles=[], creator="admin") for name in ("a", "b"))
+    try:
+        await users.insert_one({"username": "a", **embedded(first)})
+        await outbox.send(users, {"username": "a"})  # the writer's caller hears of no failure
+        await users.insert_one({"username": "b", **embedded(second)})
+        await outbox.send(users, {"username": "b"})
+        assert await users.count_documents({"outbox": {"$type": "object", "$ne": {}}}) == 2
+
+        publisher.up = True
+        monkeypatch.setattr("shared.outbox.SWEEP_SECONDS", 0.0)
+        await outbox.sweep()
+        assert sorted(publisher.published) == sorted([first.id, second.id])
+        assert await users.count_documents({"outbox": {"$type": "object", "$ne": {}}}) == 0
+
+        # anything else than the broker being away is a bug, which the writer's caller hears
+        publisher.up, publisher.failure = False, ValueError("a bug")
+        await users.insert_one({"username": "c", **embedded(UserCreated(username="c", roles=[], creator="admin"))})
+        with pytest.raises(ValueError, match="a bug"):
+            await outbox.send(users, {"username": "c"})
+    finally:
+        await client.close()
