@@ -1,13 +1,14 @@
 """What the broker hop costs a routed call, under load from `wrk`.
 
 Starts a private stack (every service, on free ports, under a temporary folder) and its own
-gateway process, in which this bench mounts one extra route, `/bench/users`: it runs the same
-MongoDB queries as identity's `list_users` (users, then roles) directly from the gateway
-process. Then `wrk` drives, at 1 and 64 connections:
+gateway process, in which this bench mounts one extra route, `/bench/users`: it reads what
+identity's `list_users` reads, through the same store (users and roles, held in memory and
+read again from MongoDB after a change or their TTL), directly in the gateway process. Then
+`wrk` drives, at 1 and 64 connections:
 
 - `GET /ping`: answered from memory (the HTTP floor);
-- `GET /users`: HTTP -> gateway -> RPC -> identity -> MongoDB -> reply (the routed call);
-- `GET /bench/users`: the same queries in-process (the baseline without the broker hop).
+- `GET /users`: HTTP -> gateway -> RPC -> identity -> reply (the routed call);
+- `GET /bench/users`: the same reads in-process (the baseline without the broker hop).
 
 It prints req/s, p50 and p99 of each, and the ratios routed / baseline. `wrk` is installed
 (Debian's package) when missing.
@@ -94,7 +95,8 @@ def serve_gateway() -> None:
     settings = get_settings()
     configure_logging("gateway", fmt=settings.log_format, level=settings.log_level)
     app = create_app(settings)
-    # the baseline route only reads: its store has no event to relay
+    # the baseline route only reads: its store has no event to relay (and, as identity's, it
+    # keeps users and roles in memory: no change is made while the bench runs)
     store = IdentityStore(mongo_client(settings)[settings.database_name(SERVICE)], Outbox(publisher=None))
 
     @app.get("/bench/users", include_in_schema=False)
