@@ -10,10 +10,12 @@ read again from MongoDB after a change or their TTL), directly in the gateway pr
 - `GET /users`: HTTP -> gateway -> RPC -> identity -> reply (the routed call);
 - `GET /bench/users`: the same reads in-process (the baseline without the broker hop).
 
-It prints req/s, p50 and p99 of each, and the ratios routed / baseline. `wrk` is installed
+Every case runs `--rounds` times, the cases interleaved, and the medians are shown (this
+machine is noisy: one run of a case can be 20% off the next). It prints req/s, p50 and p99 of
+each, and the ratios routed / baseline. `wrk` is installed
 (Debian's package) when missing.
 
-    .venv/bin/python bench/gateway.py [--seconds 8] [--users 5]
+    .venv/bin/python bench/gateway.py [--seconds 8] [--users 5] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8, help="how long wrk drives each case")
     parser.add_argument("--users", type=int, default=5, help="users in identity besides the admin")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every case (medians are shown)")
     parser.add_argument("--serve-gateway", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_gateway:
@@ -149,7 +153,7 @@ def main() -> None:
                 stderr=gateway_log,
             )
             try:
-                run(wrk, stack, args.seconds, args.users)
+                run(wrk, stack, args.seconds, args.users, args.rounds)
             except SystemExit:
                 gateway_log.flush()
                 print((Path(var) / "bench-gateway.log").read_text()[-4000:], file=sys.stderr)
@@ -160,7 +164,7 @@ def main() -> None:
                 stack.down()
 
 
-def run(wrk: str, stack, seconds: int, users: int) -> None:
+def run(wrk: str, stack, seconds: int, users: int, rounds: int) -> None:
     url = stack.gateway_url
     headers = {"x-api-key": stack.api_key, "username": stack.admin_username}
     deadline = time.monotonic() + 60
@@ -187,20 +191,35 @@ def run(wrk: str, stack, seconds: int, users: int) -> None:
     )
     for _, path in cases:  # warm up: connections, the principal cache, the services' pools
         drive(wrk, url + path, headers, connections=8, seconds=1)
-    print(f"whole stack local, {users + 1} users, wrk {seconds} s per case, {os.cpu_count()} cores\n")
+    print(
+        f"whole stack local, {users + 1} users, wrk {seconds} s per case, {rounds} rounds "
+        f"(the cases interleaved; medians shown), {os.cpu_count()} cores\n"
+    )
     print(f"{'route':<32}{'conn':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for connections in (1, 64):
-        figures = {}
-        for name, path in cases:
-            figures[name] = drive(wrk, url + path, headers, connections=connections, seconds=seconds)
+        runs: dict[str, list[Figures]] = {name: [] for name, _ in cases}
+        for _ in range(rounds):  # interleaved: a noisy spell of the machine hits every case alike
+            for name, path in cases:
+                runs[name].append(drive(wrk, url + path, headers, connections=connections, seconds=seconds))
+        figures = {name: _median(found) for name, found in runs.items()}
+        for name, _ in cases:
             f = figures[name]
             print(f"{name:<32}{connections:>5}{f.per_second:>9.0f}{f.p50_ms:>9.2f}{f.p99_ms:>9.2f}")
         ping, routed, baseline = (figures[name] for name, _ in cases)
         print(
             f"  routed / in-process: {routed.per_second / baseline.per_second:.2f}x req/s; "
             f"routed p50 - /ping p50: {routed.p50_ms - ping.p50_ms:.2f} ms; "
-            f"in-process p50 - /ping p50: {baseline.p50_ms - ping.p50_ms:.2f} ms\n"
+            f"in-process p50 - /ping p50: {baseline.p50_ms - ping.p50_ms:.2f} ms"
         )
+        print(f"  routed req/s by round: {', '.join(f'{f.per_second:.0f}' for f in runs[cases[1][0]])}\n")
+
+
+def _median(found: list[Figures]) -> Figures:
+    return Figures(
+        per_second=statistics.median(f.per_second for f in found),
+        p50_ms=statistics.median(f.p50_ms for f in found),
+        p99_ms=statistics.median(f.p99_ms for f in found),
+    )
 
 
 if __name__ == "__main__":
